@@ -1,0 +1,121 @@
+"""Command line (DESIGN §4): run, check, demo, echo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tcpproxy import __version__
+from tcpproxy.config import ConfigError, load_config
+from tcpproxy.logs import setup_logging
+from tcpproxy.settings import Settings, SettingsError, load_settings
+
+
+def _add_process_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="route config YAML [TCPPROXY_CONFIG]")
+    parser.add_argument("--admin", help="admin HTTP HOST:PORT, or off [TCPPROXY_ADMIN]")
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="[TCPPROXY_LOG_LEVEL]"
+    )
+    parser.add_argument("--log-format", choices=["text", "json"], help="[TCPPROXY_LOG_FORMAT]")
+    parser.add_argument(
+        "--shutdown-timeout",
+        help="how long live connections may finish after SIGTERM [TCPPROXY_SHUTDOWN_TIMEOUT]",
+    )
+    parser.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_const",
+        const=False,
+        help="no log line per closed connection [TCPPROXY_ACCESS_LOG=false]",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        help="re-read the config this often even without file events, 0 = never "
+        "[TCPPROXY_POLL_INTERVAL]",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcpproxy",
+        description="TCP proxy that shifts traffic between backends by hot-reloaded weights.",
+    )
+    parser.add_argument("--version", action="version", version=f"tcpproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the proxy")
+    _add_process_flags(run)
+    check = sub.add_parser("check", help="validate a config file (exit 0 valid, 1 invalid)")
+    check.add_argument("--config", type=Path, help="route config YAML [TCPPROXY_CONFIG]")
+    demo = sub.add_parser("demo", help="two echo backends v1/v2 and the proxy on :8008")
+    _add_process_flags(demo)
+    echo = sub.add_parser("echo", help="the demo backend: greets with its name, echoes lines")
+    echo.add_argument("--listen", required=True, help="HOST:PORT to listen on")
+    echo.add_argument("--name", required=True, help="name in the greeting")
+    return parser
+
+
+def _settings(args: argparse.Namespace, **defaults: object) -> Settings:
+    flags = {
+        key: getattr(args, key, None)
+        for key in (
+            "config",
+            "admin",
+            "log_level",
+            "log_format",
+            "shutdown_timeout",
+            "access_log",
+            "poll_interval",
+        )
+    }
+    for key, value in defaults.items():
+        if flags.get(key) is None:
+            flags[key] = value
+    return load_settings(**flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tcpproxy.server import run_loop  # noqa: PLC0415
+
+    try:
+        if args.command == "check":
+            settings = _settings(args)
+            try:
+                loaded = load_config(settings.config)
+            except ConfigError as exc:
+                print("\n".join(exc.problems), file=sys.stderr)
+                return 1
+            count = sum(len(lst.backends) for lst in loaded.config.listeners)
+            print(
+                f"{settings.config}: ok ({len(loaded.config.listeners)} listeners, "
+                f"{count} backends, sha256 {loaded.sha256[:12]})"
+            )
+            return 0
+        if args.command == "echo":
+            from tcpproxy.demo import echo_main  # noqa: PLC0415
+
+            setup_logging()
+            return run_loop(echo_main(args.name, args.listen))
+        if args.command == "demo":
+            from tcpproxy.demo import demo_config_path, demo_main  # noqa: PLC0415
+
+            settings = _settings(args, config=args.config or demo_config_path())
+            setup_logging(settings.log_level, settings.log_format, settings.access_log)
+            return run_loop(demo_main(settings))
+        settings = _settings(args)
+        from tcpproxy.server import serve  # noqa: PLC0415
+
+        setup_logging(settings.log_level, settings.log_format, settings.access_log)
+        return run_loop(serve(settings))
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

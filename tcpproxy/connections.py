@@ -1,0 +1,93 @@
+"""Live backends: the object a connection is pinned to, its connections and its drain deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from tcpproxy.config import BackendConfig, split_host_port
+from tcpproxy.table import BackendKey
+
+if TYPE_CHECKING:
+    from tcpproxy.relay import ClientSide
+
+ACTIVE = "active"
+ZERO = "zero"
+DRAINING = "draining"
+UNHEALTHY = "unhealthy"
+
+CONNECT_FAILURE_REASONS = ("refused", "timeout", "dns", "other")
+
+
+class Backend:
+    """One (listener, name, address). Connections hold this object, never the routing table,
+    so a reload that reweights or removes the backend cannot move them."""
+
+    __slots__ = (
+        "address",
+        "bytes_down_closed",
+        "bytes_up_closed",
+        "connect_failures",
+        "connections",
+        "drain_closed",
+        "drain_deadline",
+        "drain_handle",
+        "healthy",
+        "host",
+        "key",
+        "listener",
+        "name",
+        "port",
+        "total",
+        "weight",
+    )
+
+    def __init__(self, listener: str, config: BackendConfig) -> None:
+        self.listener = listener
+        self.name = config.name
+        self.address = config.address
+        self.host, self.port = split_host_port(config.address)
+        self.key: BackendKey = (listener, config.name, config.address)
+        self.weight = config.weight
+        self.healthy = True
+        # Wall-clock (loop.time()) deadline while draining, else None.
+        self.drain_deadline: float | None = None
+        self.drain_handle: asyncio.TimerHandle | None = None
+        self.connections: set[ClientSide] = set()
+        self.total = 0
+        self.bytes_up_closed = 0
+        self.bytes_down_closed = 0
+        self.drain_closed = 0
+        self.connect_failures = dict.fromkeys(CONNECT_FAILURE_REASONS, 0)
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_deadline is not None
+
+    @property
+    def state(self) -> str:
+        if self.draining:
+            return DRAINING
+        if not self.healthy:
+            return UNHEALTHY
+        return ZERO if self.weight == 0 else ACTIVE
+
+    def eligible(self) -> bool:
+        return self.drain_deadline is None and self.healthy
+
+    def bytes_up(self) -> int:
+        return self.bytes_up_closed + sum(c.bytes_up for c in self.connections)
+
+    def bytes_down(self) -> int:
+        return self.bytes_down_closed + sum(c.bytes_down for c in self.connections)
+
+    def start_draining(self, deadline: float, handle: asyncio.TimerHandle) -> None:
+        self.stop_draining()
+        self.drain_deadline = deadline
+        self.drain_handle = handle
+
+    def stop_draining(self) -> None:
+        if self.drain_handle is not None:
+            self.drain_handle.cancel()
+        self.drain_handle = None
+        self.drain_deadline = None

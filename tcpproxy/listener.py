@@ -1,0 +1,299 @@
+"""A listener: accept -> pick a backend -> connect (with retries) -> relay; drains and idles."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING
+
+from tcpproxy import relay
+from tcpproxy.balancer import SmoothWeightedRoundRobin
+from tcpproxy.config import ListenerConfig, split_host_port
+from tcpproxy.connections import Backend
+from tcpproxy.relay import ClientSide, UpstreamSide
+from tcpproxy.table import BackendKey, ListenerPlan, backend_key
+
+if TYPE_CHECKING:
+    from tcpproxy.metrics import Metrics
+
+log = logging.getLogger("tcpproxy")
+access_log = logging.getLogger("tcpproxy.access")
+
+MAX_CONNECT_ATTEMPTS = 3
+LISTEN_BACKLOG = 4096
+# At a drain deadline the remaining connections are closed over this window, in steps, so
+# that their clients do not all reconnect in the same instant.
+DRAIN_CLOSE_WINDOW_S = 1.0
+DRAIN_CLOSE_STEPS = 10
+IDLE_SWEEP_MAX_S = 10.0
+
+
+def classify_connect_error(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    return "other"
+
+
+class Listener:
+    """One configured listener and everything live under it."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        metrics: Metrics,
+        on_retired_empty: Callable[[Listener], None],
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.metrics = metrics
+        self.loop = asyncio.get_running_loop()
+        self.backends: dict[BackendKey, Backend] = {}  # in the config now
+        self.draining: dict[BackendKey, Backend] = {}  # removed, connections still open
+        self.balancer: SmoothWeightedRoundRobin[Backend] = SmoothWeightedRoundRobin([])
+        self.server: asyncio.AbstractServer | None = None
+        self.connecting: set[ClientSide] = set()
+        self.open_connections = 0
+        self.retired = False  # removed from the config; lives on while connections drain
+        self.on_empty: asyncio.Event = asyncio.Event()
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._rejected = {
+            reason: metrics.rejected.labels(self.name, reason)
+            for reason in ("no_backend", "max_connections", "connect_failed")
+        }
+        self._on_retired_empty = on_retired_empty
+
+    # -- lifecycle --
+
+    async def bind(self, bind: str) -> asyncio.AbstractServer:
+        host, port = split_host_port(bind)
+        return await self.loop.create_server(
+            lambda: ClientSide(self),
+            host,
+            port,
+            backlog=LISTEN_BACKLOG,
+            reuse_address=True,
+            start_serving=False,
+        )
+
+    def serve(self, server: asyncio.AbstractServer) -> None:
+        """Accept on `server` from now on; a previous server (old bind) stops accepting."""
+        if self.server is not None and self.server is not server:
+            self.server.close()
+        self.server = server
+        self.retired = False
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def apply(self, plan: ListenerPlan) -> None:
+        """Apply one listener's share of a reload plan, all in one step."""
+        self.config = plan.config
+        now = self.loop.time()
+        by_key = {backend_key(self.name, b): b for b in plan.config.backends}
+        if plan.kind == "removed":
+            self.retired = True
+            by_key = {}
+        for key in [k for k in self.backends if k not in by_key]:
+            backend = self.backends.pop(key)
+            self._start_draining(backend, now)
+        ordered: list[Backend] = []
+        for key, cfg in by_key.items():
+            current = self.backends.get(key)
+            if current is None:
+                current = self.draining.pop(key, None)
+                if current is not None:
+                    current.stop_draining()
+                else:
+                    current = Backend(self.name, cfg)
+                self.backends[key] = current
+            backend = current
+            backend.weight = cfg.weight
+            ordered.append(backend)
+        self.balancer = SmoothWeightedRoundRobin([(b, b.weight) for b in ordered])
+        self._schedule_idle_sweep()
+
+    def _start_draining(self, backend: Backend, now: float) -> None:
+        deadline = now + self.config.drain_timeout
+        handle = self.loop.call_at(deadline, self._drain_deadline, backend)
+        backend.start_draining(deadline, handle)
+        self.draining[backend.key] = backend
+        self._forget_if_drained(backend)
+
+    def _drain_deadline(self, backend: Backend) -> None:
+        backend.drain_handle = None
+        conns = list(backend.connections)
+        if not conns:
+            return
+        step = -(-len(conns) // DRAIN_CLOSE_STEPS)
+        for i in range(0, len(conns), step):
+            delay = DRAIN_CLOSE_WINDOW_S * (i // step) / DRAIN_CLOSE_STEPS
+            self.loop.call_later(delay, self._drain_close, backend, conns[i : i + step])
+
+    def _drain_close(self, backend: Backend, conns: list[ClientSide]) -> None:
+        if not backend.draining:
+            return  # put back in the config meanwhile
+        for conn in conns:
+            if not conn.closed:
+                backend.drain_closed += 1
+                conn.shut(relay.DRAIN_DEADLINE)
+
+    def _forget_if_drained(self, backend: Backend) -> None:
+        if backend.draining and not backend.connections and backend.key in self.draining:
+            backend.stop_draining()
+            del self.draining[backend.key]
+            self.metrics.forget_backend(backend)
+            if self.retired and not self.draining:
+                self._on_retired_empty(self)
+
+    def all_backends(self) -> Iterator[Backend]:
+        yield from self.backends.values()
+        yield from self.draining.values()
+
+    def live_connections(self) -> Iterator[ClientSide]:
+        yield from self.connecting
+        for backend in self.all_backends():
+            yield from backend.connections
+
+    def close_all(self, reason: str) -> None:
+        for conn in list(self.live_connections()):
+            conn.shut(reason)
+
+    # -- idle timeout: one sweep per listener rather than a timer per connection --
+
+    def _schedule_idle_sweep(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        idle = self.config.idle_timeout
+        if idle > 0:
+            interval = min(max(idle / 4, 0.05), IDLE_SWEEP_MAX_S)
+            self._idle_handle = self.loop.call_later(interval, self._sweep_idle, interval)
+
+    def _sweep_idle(self, interval: float) -> None:
+        now = self.loop.time()
+        idle = self.config.idle_timeout
+        expired = []
+        for conn in self.live_connections():
+            if conn.seen:
+                conn.seen = False
+                conn.idle_since = now
+            elif now - conn.idle_since >= idle:
+                expired.append(conn)
+        for conn in expired:
+            conn.shut(relay.IDLE_TIMEOUT)
+        self._idle_handle = self.loop.call_later(interval, self._sweep_idle, interval)
+
+    def cancel_timers(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+    # -- connections (relay.Owner) --
+
+    def pick(self, exclude: list[Backend] | None = None) -> Backend | None:
+        return self.balancer.pick(Backend.eligible, exclude or ())
+
+    def connection_opened(self, conn: ClientSide) -> None:
+        conn.opened_at = self.loop.time()
+        self.open_connections += 1
+        if self.open_connections > self.config.max_connections:
+            self._reject(conn, "max_connections")
+            return
+        backend = self.pick()
+        if backend is None:
+            self._reject(conn, "no_backend")
+            return
+        self.connecting.add(conn)
+        conn.peer = conn.transport.get_extra_info("peername")
+        conn.connect_task = self.loop.create_task(self._connect(conn, backend))
+
+    def _reject(self, conn: ClientSide, reason: str) -> None:
+        self._rejected[reason].inc()
+        conn.shut("rejected_" + reason)
+
+    async def _connect(self, conn: ClientSide, backend: Backend) -> None:
+        tried: list[Backend] = []
+        timeout = self.config.connect_timeout
+        candidate: Backend | None = backend
+        while candidate is not None and len(tried) < MAX_CONNECT_ATTEMPTS:
+            target = candidate
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.loop.create_connection(
+                        partial(UpstreamSide, conn, target), target.host, target.port
+                    )
+            except (OSError, TimeoutError) as exc:
+                reason = classify_connect_error(exc)
+                target.connect_failures[reason] += 1
+                log.warning(
+                    "connect to %s/%s (%s) failed: %s",
+                    self.name,
+                    target.name,
+                    target.address,
+                    reason,
+                    extra={"listener": self.name, "backend": target.name, "reason": reason},
+                )
+                tried.append(target)
+                candidate = self.pick(tried)
+                continue
+            return
+        conn.connect_task = None
+        self._rejected["connect_failed"].inc()
+        conn.shut(relay.CONNECT_FAILED)
+
+    def connection_established(self, conn: ClientSide) -> None:
+        backend = conn.backend
+        assert backend is not None
+        self.connecting.discard(conn)
+        conn.connect_task = None
+        backend.connections.add(conn)
+        backend.total += 1
+
+    def connection_closed(self, conn: ClientSide) -> None:
+        self.open_connections -= 1
+        self.connecting.discard(conn)
+        backend = conn.backend
+        if backend is not None:
+            backend.connections.discard(conn)
+            backend.bytes_up_closed += conn.bytes_up
+            backend.bytes_down_closed += conn.bytes_down
+            self.metrics.observe_duration(backend, self.loop.time() - conn.opened_at)
+            if backend.draining:
+                self._forget_if_drained(backend)
+        if self.open_connections == 0:
+            self.on_empty.set()
+        if access_log.isEnabledFor(logging.INFO):
+            self._log_access(conn)
+
+    def _log_access(self, conn: ClientSide) -> None:
+        backend = conn.backend
+        peer = conn.peer
+        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        access_log.info(
+            "%s %s -> %s up=%d down=%d %.3fs %s",
+            self.name,
+            client,
+            backend.name if backend else "-",
+            conn.bytes_up,
+            conn.bytes_down,
+            self.loop.time() - conn.opened_at,
+            conn.reason,
+            extra={
+                "listener": self.name,
+                "backend": backend.name if backend else None,
+                "client": client,
+                "bytes_up": conn.bytes_up,
+                "bytes_down": conn.bytes_down,
+                "duration_s": round(self.loop.time() - conn.opened_at, 6),
+                "end": conn.reason,
+            },
+        )

@@ -1,0 +1,146 @@
+"""Every metric of DESIGN §6, defined once.
+
+Per-backend figures (connections, bytes, weight, state, failures) are read from the live
+Backend objects at scrape time by a custom collector: the data path only adds to plain ints,
+and a backend that has drained away simply stops being reported, so its series disappear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from tcpproxy import __version__
+from tcpproxy.connections import CONNECT_FAILURE_REASONS, Backend
+
+PREFIX = "tcpproxy_"
+# `_created` series double the output and no dashboard of ours reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+DURATION_BUCKETS_S = (0.01, 0.1, 1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+
+class _BackendCollector(Collector):
+    def __init__(self, backends: Callable[[], Iterable[Backend]]) -> None:
+        self._backends = backends
+
+    def collect(self) -> Iterator[Metric]:
+        lb = ["listener", "backend"]
+        total = CounterMetricFamily(
+            PREFIX + "connections", "Connections routed to a backend.", labels=lb
+        )
+        active = GaugeMetricFamily(
+            PREFIX + "connections_active", "Connections open now.", labels=lb
+        )
+        traffic = CounterMetricFamily(
+            PREFIX + "bytes",
+            "Bytes relayed; upstream = client->backend, downstream = backend->client.",
+            labels=[*lb, "direction"],
+        )
+        failures = CounterMetricFamily(
+            PREFIX + "backend_connect_failures",
+            "Failed connection attempts to a backend.",
+            labels=[*lb, "reason"],
+        )
+        drained = CounterMetricFamily(
+            PREFIX + "drain_closed_connections",
+            "Connections closed by a drain deadline.",
+            labels=lb,
+        )
+        weight = GaugeMetricFamily(PREFIX + "backend_weight", "Configured weight.", labels=lb)
+        draining = GaugeMetricFamily(
+            PREFIX + "backend_draining", "1 while the backend is draining.", labels=lb
+        )
+        up = GaugeMetricFamily(PREFIX + "backend_up", "1 healthy, 0 ejected.", labels=lb)
+        # Changing a backend's address makes a second Backend with the same labels while the
+        # old one drains: report them as one series, never as duplicate samples.
+        groups: dict[tuple[str, str], list[Backend]] = {}
+        for b in self._backends():
+            groups.setdefault((b.listener, b.name), []).append(b)
+        for (listener, name), same in groups.items():
+            labels = [listener, name]
+            configured = [b for b in same if not b.draining]
+            total.add_metric(labels, sum(b.total for b in same))
+            active.add_metric(labels, sum(len(b.connections) for b in same))
+            traffic.add_metric([*labels, "upstream"], sum(b.bytes_up() for b in same))
+            traffic.add_metric([*labels, "downstream"], sum(b.bytes_down() for b in same))
+            for reason in CONNECT_FAILURE_REASONS:
+                failures.add_metric(
+                    [*labels, reason], sum(b.connect_failures[reason] for b in same)
+                )
+            drained.add_metric(labels, sum(b.drain_closed for b in same))
+            weight.add_metric(labels, configured[0].weight if configured else 0)
+            draining.add_metric(labels, 0 if configured else 1)
+            up.add_metric(labels, 1 if all(b.healthy for b in same) else 0)
+        yield from (total, active, traffic, failures, drained, weight, draining, up)
+
+
+class Metrics:
+    """One registry per proxy, so that several proxies can live in one process (tests)."""
+
+    def __init__(self, backends: Callable[[], Iterable[Backend]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_BackendCollector(backends))
+        self.rejected = Counter(
+            PREFIX + "connections_rejected",
+            "Connections accepted and closed without a backend.",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            PREFIX + "connection_duration_seconds",
+            "Lifetime of proxied connections.",
+            ["listener", "backend"],
+            buckets=DURATION_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            PREFIX + "config_reloads",
+            "Config reloads by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        self.last_reload_successful = Gauge(
+            PREFIX + "config_last_reload_successful",
+            "1 if the last reload attempt succeeded.",
+            registry=self.registry,
+        )
+        self.last_reload_success_timestamp = Gauge(
+            PREFIX + "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful reload.",
+            registry=self.registry,
+        )
+        build = Gauge(
+            PREFIX + "build_info", "Build information.", ["version"], registry=self.registry
+        )
+        build.labels(__version__).set(1)
+        self._backends = backends
+        self._duration_children: dict[tuple[str, str], Histogram] = {}
+
+    def observe_duration(self, backend: Backend, seconds: float) -> None:
+        key = (backend.listener, backend.name)
+        child = self._duration_children.get(key)
+        if child is None:
+            child = self._duration_children[key] = self.duration.labels(
+                backend.listener, backend.name
+            )
+        child.observe(seconds)
+
+    def forget_backend(self, backend: Backend) -> None:
+        """Drop a drained-away backend's own series (the collector forgets it by itself)."""
+        key = (backend.listener, backend.name)
+        if any((b.listener, b.name) == key for b in self._backends() if b is not backend):
+            return
+        if self._duration_children.pop(key, None) is not None:
+            self.duration.remove(backend.listener, backend.name)

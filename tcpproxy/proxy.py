@@ -1,0 +1,248 @@
+"""The running proxy: listeners built from the routing table, reloads applied as diffs, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tcpproxy import relay
+from tcpproxy.config import ConfigError, LoadedConfig, parse_config, read_config_bytes
+from tcpproxy.connections import Backend
+from tcpproxy.listener import Listener
+from tcpproxy.metrics import Metrics
+from tcpproxy.table import ListenerPlan, Plan, Table, diff
+
+log = logging.getLogger("tcpproxy")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    result: str  # "success", "failure" or "unchanged"
+    trigger: str
+    at: float  # Unix time
+    sha256: str | None
+    summary: str = ""
+    problems: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "result": self.result,
+            "trigger": self.trigger,
+            "at": self.at,
+            "sha256": self.sha256,
+            "summary": self.summary,
+            "problems": list(self.problems),
+        }
+
+
+class Proxy:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.table = Table()
+        self.listeners: dict[str, Listener] = {}
+        self.retired: dict[str, Listener] = {}  # removed from the config, still draining
+        self.metrics = Metrics(self.all_backends)
+        self.applied: LoadedConfig | None = None
+        self.loaded_at: float | None = None
+        self.last_reload: ReloadResult | None = None
+        self.last_failure: ReloadResult | None = None
+        self.shutting_down = False
+        self._lock = asyncio.Lock()
+
+    # -- views --
+
+    def all_listeners(self) -> Iterator[Listener]:
+        yield from self.listeners.values()
+        yield from self.retired.values()
+
+    def all_backends(self) -> Iterator[Backend]:
+        for listener in self.all_listeners():
+            yield from listener.all_backends()
+
+    @property
+    def ready(self) -> bool:
+        return self.applied is not None and not self.shutting_down
+
+    @property
+    def open_connections(self) -> int:
+        return sum(lst.open_connections for lst in self.all_listeners())
+
+    # -- config --
+
+    async def start(self) -> None:
+        """Apply the config file for the first time; ConfigError if it is bad or cannot bind."""
+        data = read_config_bytes(self.config_path)
+        loaded = parse_config(data, str(self.config_path))
+        await self._apply(loaded)
+        self._record(ReloadResult("success", "startup", time.time(), loaded.sha256))
+
+    async def reload(self, trigger: str) -> ReloadResult:
+        """Reload the file if its bytes changed. A bad file never replaces the running config."""
+        async with self._lock:
+            if self.shutting_down:
+                return ReloadResult("unchanged", trigger, time.time(), None, "shutting down")
+            try:
+                data = read_config_bytes(self.config_path)
+            except ConfigError as exc:
+                return self._failed(trigger, None, exc.problems)
+            sha256 = hashlib.sha256(data).hexdigest()
+            if self.applied is not None and sha256 == self.applied.sha256:
+                return ReloadResult("unchanged", trigger, time.time(), sha256, "no change")
+            failure = self.last_failure
+            if (
+                trigger in ("watch", "poll")
+                and failure is not None
+                and failure.sha256 == sha256
+                and self.last_reload is failure
+            ):
+                return failure  # the same bad bytes seen again: already reported and counted
+            try:
+                plan = await self._apply(parse_config(data, str(self.config_path)))
+            except ConfigError as exc:
+                return self._failed(trigger, sha256, exc.problems)
+            result = ReloadResult("success", trigger, time.time(), sha256, plan.summary())
+            self._record(result)
+            return result
+
+    def _failed(self, trigger: str, sha256: str | None, problems: list[str]) -> ReloadResult:
+        failure = self.last_failure
+        if (
+            trigger in ("watch", "poll")
+            and sha256 is None
+            and failure is not None
+            and failure.sha256 is None
+            and failure.problems == tuple(problems)
+            and self.last_reload is failure
+        ):
+            return failure  # still missing or unreadable: reported once
+        result = ReloadResult("failure", trigger, time.time(), sha256, "", tuple(problems))
+        self._record(result)
+        return result
+
+    def _record(self, result: ReloadResult) -> None:
+        self.last_reload = result
+        m = self.metrics
+        m.reloads.labels(result.result).inc()
+        if result.result == "success":
+            self.last_failure = None
+            self.loaded_at = result.at
+            m.last_reload_successful.set(1)
+            m.last_reload_success_timestamp.set(result.at)
+            log.info(
+                "config applied from %s sha256=%s (%s): %s",
+                self.config_path,
+                result.sha256,
+                result.trigger,
+                result.summary or "initial config",
+                extra={"sha256": result.sha256, "result": "success", "trigger": result.trigger},
+            )
+        else:
+            self.last_failure = result
+            m.last_reload_successful.set(0)
+            for problem in result.problems:
+                log.error(
+                    "config rejected, old config keeps serving: %s",
+                    problem,
+                    extra={"sha256": result.sha256, "result": "failure", "trigger": result.trigger},
+                )
+
+    async def _apply(self, loaded: LoadedConfig) -> Plan:
+        new_table = Table.from_config(loaded.config)
+        draining = frozenset(key for lst in self.all_listeners() for key in lst.draining)
+        plan = diff(self.table, new_table, draining)
+
+        # Bind every new address before changing anything, so that a bind failure leaves the
+        # running config untouched.
+        staged: dict[str, tuple[Listener, asyncio.AbstractServer]] = {}
+        index = {lst.name: i for i, lst in enumerate(loaded.config.listeners)}
+        try:
+            for lp in plan.listeners:
+                if lp.kind == "added" or lp.rebound:
+                    name = lp.config.name
+                    listener = (
+                        self.listeners.get(name)
+                        or self.retired.get(name)
+                        or Listener(lp.config, self.metrics, self._retired_empty)
+                    )
+                    try:
+                        server = await listener.bind(lp.config.bind)
+                    except OSError as exc:
+                        reason = exc.strerror or str(exc)
+                        raise ConfigError(
+                            [
+                                f"{loaded.source}: listeners[{index[name]}].bind: "
+                                f"cannot listen on {lp.config.bind}: {reason}"
+                            ]
+                        ) from None
+                    staged[name] = (listener, server)
+        except ConfigError:
+            for _, server in staged.values():
+                server.close()
+            raise
+
+        # Commit: no await until every listener has its new state.
+        for lp in plan.listeners:
+            self._commit(lp, staged)
+        self.table = new_table
+        self.applied = loaded
+        for _, server in staged.values():
+            await server.start_serving()
+        return plan
+
+    def _commit(
+        self, lp: ListenerPlan, staged: dict[str, tuple[Listener, asyncio.AbstractServer]]
+    ) -> None:
+        name = lp.config.name
+        if lp.kind == "removed":
+            listener = self.listeners.pop(name)
+            listener.stop_accepting()
+            listener.apply(lp)
+            self.retired[name] = listener
+            self._retired_empty(listener)
+            return
+        if lp.kind == "added":
+            listener = staged[name][0]
+            self.retired.pop(name, None)
+            self.listeners[name] = listener
+        else:
+            listener = self.listeners[name]
+        if name in staged:
+            listener.serve(staged[name][1])
+        if not lp.is_noop or lp.kind == "added":
+            listener.apply(lp)
+
+    def _retired_empty(self, listener: Listener) -> None:
+        if listener.retired and not listener.draining and not listener.backends:
+            listener.cancel_timers()
+            if self.retired.get(listener.name) is listener:
+                del self.retired[listener.name]
+
+    # -- shutdown --
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting, give live connections `grace_s` seconds to end, close the rest."""
+        self.shutting_down = True
+        for listener in self.all_listeners():
+            listener.stop_accepting()
+        waits = []
+        for listener in self.all_listeners():
+            if listener.open_connections:
+                listener.on_empty.clear()
+                waits.append(asyncio.ensure_future(listener.on_empty.wait()))
+        if waits:
+            log.info(
+                "shutting down: waiting up to %.1fs for %d connections",
+                grace_s,
+                self.open_connections,
+            )
+            _, pending = await asyncio.wait(waits, timeout=grace_s)
+            for fut in pending:
+                fut.cancel()
+        for listener in list(self.all_listeners()):
+            listener.close_all(relay.SHUTDOWN)
+            listener.cancel_timers()

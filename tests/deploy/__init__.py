@@ -1,0 +1,1 @@
+"""Tests of the deployment artefacts: Dockerfile, Kubernetes manifests, compose file."""
