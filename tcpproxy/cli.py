@@ -32,6 +32,18 @@ def _add_process_flags(parser: argparse.ArgumentParser) -> None:
         help="no log line per closed connection [TCPPROXY_ACCESS_LOG=false]",
     )
     parser.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_const",
+        const=False,
+        help="do not watch the config directory; reload on SIGHUP, POST /-/reload "
+        "and polling only [TCPPROXY_WATCH=false]",
+    )
+    parser.add_argument(
+        "--metrics-linger",
+        help="keep a drained-away backend's metrics this long [TCPPROXY_METRICS_LINGER]",
+    )
+    parser.add_argument(
         "--poll-interval",
         help="re-read the config this often even without file events, 0 = never "
         "[TCPPROXY_POLL_INTERVAL]",
@@ -68,6 +80,8 @@ def _settings(args: argparse.Namespace, **defaults: object) -> Settings:
             "shutdown_timeout",
             "access_log",
             "poll_interval",
+            "watch",
+            "metrics_linger",
         )
     }
     for key, value in defaults.items():

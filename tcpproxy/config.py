@@ -18,12 +18,15 @@ from pydantic import (
     Field,
     StrictInt,
     ValidationError,
-    model_validator,
+    field_validator,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# Milliseconds divide rather than multiply by 0.001, so that "9ms" is exactly 0.009.
+_UNIT_MULTIPLY = {"s": 1, "m": 60, "h": 3600, None: 1}
+_HOST_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_PORT_RE = re.compile(r"[1-9][0-9]{0,4}")
 
 DEFAULT_DRAIN_TIMEOUT_S = 300.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -41,17 +44,20 @@ class ConfigError(Exception):
 
 def parse_duration(value: object) -> float:
     """Seconds from `30`, `0.5`, `"250ms"`, `"30s"`, `"5m"` or `"1h"`."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30, 0.5, 250ms, 30s, 5m or 1h")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION_RE.fullmatch(value)):
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
+    match = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, bool) or not (isinstance(value, int | float) or match):
         raise ValueError(
             f"invalid duration {value!r}: expected a number of seconds or "
             "a number with a unit (ms, s, m, h)"
         )
+    try:
+        if match is None:
+            seconds = float(value)  # type: ignore[arg-type]  # int or float, checked above
+        else:
+            number, unit = float(match.group(1)), match.group(2)
+            seconds = number / 1000 if unit == "ms" else number * _UNIT_MULTIPLY[unit]
+    except OverflowError:
+        seconds = float("inf")
     if not 0 <= seconds < float("inf"):
         raise ValueError(f"invalid duration {value!r}: must be a finite value >= 0")
     return seconds
@@ -75,7 +81,9 @@ def split_host_port(text: str) -> tuple[str, int]:
             raise ValueError(f"invalid address {text!r}: expected host:port")
         if ":" in host:
             raise ValueError(f"invalid address {text!r}: write IPv6 addresses as [addr]:port")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not _HOST_RE.fullmatch(host):
+            raise ValueError(f"invalid address {text!r}: {host!r} is not a host name or IP")
+    if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
         raise ValueError(f"invalid address {text!r}: port must be 1-65535")
     return host, int(port_text)
 
@@ -111,7 +119,7 @@ class BackendConfig(_Model):
 class ListenerConfig(_Model):
     name: Name
     bind: Address
-    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    backends: tuple[BackendConfig, ...]
     drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT_S
     connect_timeout: Annotated[Duration, Field(gt=0)] = DEFAULT_CONNECT_TIMEOUT_S
     # 0 disables the idle timeout.
@@ -119,31 +127,45 @@ class ListenerConfig(_Model):
     max_connections: StrictInt = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1)
     engine: Literal["copy"] = "copy"
 
-    @model_validator(mode="after")
-    def _unique_backend_names(self) -> ListenerConfig:
-        seen: set[str] = set()
-        for backend in self.backends:
-            if backend.name in seen:
-                raise ValueError(f"backend name {backend.name!r} is used twice")
-            seen.add(backend.name)
-        return self
+    # An "after" validator runs only when every backend is valid, so a bad backend is
+    # reported once rather than also as "too few backends" (as Field(min_length) would).
+    @field_validator("backends")
+    @classmethod
+    def _not_empty(cls, backends: tuple[BackendConfig, ...]) -> tuple[BackendConfig, ...]:
+        if not backends:
+            raise ValueError("at least one backend is required")
+        return backends
 
 
 class RouteConfig(_Model):
-    listeners: tuple[ListenerConfig, ...] = Field(min_length=1)
+    listeners: tuple[ListenerConfig, ...]
 
-    @model_validator(mode="after")
-    def _unique_listeners(self) -> RouteConfig:
-        names: set[str] = set()
-        binds: set[str] = set()
-        for listener in self.listeners:
-            if listener.name in names:
-                raise ValueError(f"listener name {listener.name!r} is used twice")
-            if listener.bind in binds:
-                raise ValueError(f"bind {listener.bind!r} is used by two listeners")
-            names.add(listener.name)
-            binds.add(listener.bind)
-        return self
+    @field_validator("listeners")
+    @classmethod
+    def _not_empty(cls, listeners: tuple[ListenerConfig, ...]) -> tuple[ListenerConfig, ...]:
+        if not listeners:
+            raise ValueError("at least one listener is required")
+        return listeners
+
+
+def _duplicates(config: RouteConfig) -> list[str]:
+    """Names and binds used twice, each reported at the later use's own path."""
+    problems = []
+    first_name: dict[str, int] = {}
+    first_bind: dict[tuple[str, int], int] = {}
+    for i, listener in enumerate(config.listeners):
+        where = f"listeners[{i}]"
+        if (j := first_name.setdefault(listener.name, i)) != i:
+            problems.append(f"{where}.name: {listener.name!r} is already used by listeners[{j}]")
+        if (j := first_bind.setdefault(split_host_port(listener.bind), i)) != i:
+            problems.append(f"{where}.bind: {listener.bind!r} is already used by listeners[{j}]")
+        seen: dict[str, int] = {}
+        for k, backend in enumerate(listener.backends):
+            if (j := seen.setdefault(backend.name, k)) != k:
+                problems.append(
+                    f"{where}.backends[{k}].name: {backend.name!r} is already used by backends[{j}]"
+                )
+    return problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +210,6 @@ def parse_config(data: bytes, source: str) -> LoadedConfig:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([f"{source}{where}: invalid YAML: {reason}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"{source}: not UTF-8 text"]) from None
     if document is None:
         raise ConfigError([f"{source}: file is empty"])
     if not isinstance(document, dict):
@@ -198,6 +218,8 @@ def parse_config(data: bytes, source: str) -> LoadedConfig:
         config = RouteConfig.model_validate(document)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(source, exc)) from None
+    if problems := _duplicates(config):
+        raise ConfigError([f"{source}: {problem}" for problem in problems])
     return LoadedConfig(config, hashlib.sha256(data).hexdigest(), source)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import cast
 
 from tcpproxy.config import split_host_port
-from tcpproxy.proxy import Proxy
+from tcpproxy.proxy import Proxy, os_error_text
 from tcpproxy.settings import Settings
 
 log = logging.getLogger("tcpproxy.demo")
@@ -72,7 +72,7 @@ async def echo_main(name: str, listen: str) -> int:
     try:
         server = await start_echo(name, listen)
     except OSError as exc:
-        print(f"--listen {listen}: cannot listen: {exc.strerror}", file=sys.stderr)
+        print(f"--listen {listen}: cannot listen: {os_error_text(exc)}", file=sys.stderr)
         return 1
     log.info("echo backend %s listening on %s", name, listen)
     await wait_for_stop_signal()
@@ -98,7 +98,8 @@ async def demo_main(settings: Settings) -> int:
             servers.append(await start_echo(name, address))
         except OSError as exc:
             print(
-                f"demo backend {name}: cannot listen on {address}: {exc.strerror}", file=sys.stderr
+                f"demo backend {name}: cannot listen on {address}: {os_error_text(exc)}",
+                file=sys.stderr,
             )
             return 1
 

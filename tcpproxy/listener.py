@@ -148,7 +148,9 @@ class Listener:
 
     def _forget_if_drained(self, backend: Backend) -> None:
         if backend.draining and not backend.connections and backend.key in self.draining:
-            backend.stop_draining()
+            if backend.drain_handle is not None:
+                backend.drain_handle.cancel()
+                backend.drain_handle = None
             del self.draining[backend.key]
             self.metrics.forget_backend(backend)
             if self.retired and not self.draining:

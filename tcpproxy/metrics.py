@@ -7,6 +7,7 @@ and a backend that has drained away simply stops being reported, so its series d
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
@@ -24,6 +25,9 @@ from tcpproxy import __version__
 from tcpproxy.connections import CONNECT_FAILURE_REASONS, Backend
 
 PREFIX = "tcpproxy_"
+# How long a drained-away backend's series stay after its last connection closed, so that
+# scrapes see the final counts (drain closes above all) before the series disappear.
+DEFAULT_LINGER_S = 180.0
 # `_created` series double the output and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 DURATION_BUCKETS_S = (0.01, 0.1, 1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
@@ -87,9 +91,16 @@ class _BackendCollector(Collector):
 class Metrics:
     """One registry per proxy, so that several proxies can live in one process (tests)."""
 
-    def __init__(self, backends: Callable[[], Iterable[Backend]]) -> None:
+    def __init__(
+        self,
+        backends: Callable[[], Iterable[Backend]],
+        linger_s: float = DEFAULT_LINGER_S,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_BackendCollector(backends))
+        self.registry.register(_BackendCollector(self._reported))
+        self.linger_s = linger_s
+        # Drained-away backends, reported until their deadline (monotonic seconds).
+        self._lingering: list[tuple[float, Backend]] = []
         self.rejected = Counter(
             PREFIX + "connections_rejected",
             "Connections accepted and closed without a backend.",
@@ -138,9 +149,25 @@ class Metrics:
         child.observe(seconds)
 
     def forget_backend(self, backend: Backend) -> None:
-        """Drop a drained-away backend's own series (the collector forgets it by itself)."""
-        key = (backend.listener, backend.name)
-        if any((b.listener, b.name) == key for b in self._backends() if b is not backend):
+        """A backend drained away: report it `linger_s` longer, then drop its series."""
+        self._lingering.append((time.monotonic() + self.linger_s, backend))
+        self._prune()
+
+    def _reported(self) -> Iterator[Backend]:
+        self._prune()
+        yield from self._backends()
+        for _, backend in self._lingering:
+            yield backend
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        if not self._lingering or self._lingering[0][0] > now:
             return
-        if self._duration_children.pop(key, None) is not None:
-            self.duration.remove(backend.listener, backend.name)
+        expired = [b for deadline, b in self._lingering if deadline <= now]
+        self._lingering = [(d, b) for d, b in self._lingering if d > now]
+        present = {(b.listener, b.name) for b in self._backends()}
+        present.update((b.listener, b.name) for _, b in self._lingering)
+        for backend in expired:
+            key = (backend.listener, backend.name)
+            if key not in present and self._duration_children.pop(key, None) is not None:
+                self.duration.remove(backend.listener, backend.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,10 +15,15 @@ from tcpproxy import relay
 from tcpproxy.config import ConfigError, LoadedConfig, parse_config, read_config_bytes
 from tcpproxy.connections import Backend
 from tcpproxy.listener import Listener
-from tcpproxy.metrics import Metrics
+from tcpproxy.metrics import DEFAULT_LINGER_S, Metrics
 from tcpproxy.table import ListenerPlan, Plan, Table, diff
 
 log = logging.getLogger("tcpproxy")
+
+
+def os_error_text(exc: OSError) -> str:
+    """'Address already in use', not the loop's long wrapped message."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +47,12 @@ class ReloadResult:
 
 
 class Proxy:
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, metrics_linger_s: float = DEFAULT_LINGER_S) -> None:
         self.config_path = config_path
         self.table = Table()
         self.listeners: dict[str, Listener] = {}
         self.retired: dict[str, Listener] = {}  # removed from the config, still draining
-        self.metrics = Metrics(self.all_backends)
+        self.metrics = Metrics(self.all_backends, metrics_linger_s)
         self.applied: LoadedConfig | None = None
         self.loaded_at: float | None = None
         self.last_reload: ReloadResult | None = None
@@ -172,7 +178,7 @@ class Proxy:
                     try:
                         server = await listener.bind(lp.config.bind)
                     except OSError as exc:
-                        reason = exc.strerror or str(exc)
+                        reason = os_error_text(exc)
                         raise ConfigError(
                             [
                                 f"{loaded.source}: listeners[{index[name]}].bind: "

@@ -25,18 +25,20 @@ WATCH_STEP_MS = 25
 
 
 class Reloader:
-    def __init__(self, proxy: Proxy, poll_interval_s: float) -> None:
+    def __init__(self, proxy: Proxy, poll_interval_s: float, watch: bool = True) -> None:
         self.proxy = proxy
+        self.watch = watch
         self.poll_interval_s = poll_interval_s
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._watch()))
+        if self.watch:
+            self._tasks.append(loop.create_task(self._watch()))
         if self.poll_interval_s > 0:
             self._tasks.append(loop.create_task(self._poll()))
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.trigger, "sighup")
 
     def trigger(self, why: str) -> None:
@@ -80,7 +82,7 @@ class Reloader:
 
     async def stop(self) -> None:
         self._stop.set()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         for task in list(self._tasks):
             task.cancel()

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from tcpproxy.admin import start_admin
 from tcpproxy.config import ConfigError
-from tcpproxy.proxy import Proxy
+from tcpproxy.proxy import Proxy, os_error_text
 from tcpproxy.reloader import Reloader
 from tcpproxy.settings import Settings
 
@@ -52,7 +52,7 @@ async def serve(
     started: Callable[[Proxy], Awaitable[None]] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; return the exit code."""
-    proxy = Proxy(settings.config)
+    proxy = Proxy(settings.config, settings.metrics_linger)
     try:
         await proxy.start()
     except ConfigError as exc:
@@ -64,10 +64,10 @@ async def serve(
         try:
             runner = await start_admin(proxy, settings.admin)
         except OSError as exc:
-            print(f"--admin {settings.admin}: cannot listen: {exc.strerror}", file=sys.stderr)
+            print(f"--admin {settings.admin}: cannot listen: {os_error_text(exc)}", file=sys.stderr)
             await proxy.shutdown(0)
             return 1
-    reloader = Reloader(proxy, settings.poll_interval)
+    reloader = Reloader(proxy, settings.poll_interval, watch=settings.watch)
     reloader.start()
     binds = ", ".join(f"{lst.name}={lst.config.bind}" for lst in proxy.listeners.values())
     log.info(

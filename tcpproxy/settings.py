@@ -12,6 +12,7 @@ from pydantic import AfterValidator, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tcpproxy.config import Duration, split_host_port
+from tcpproxy.metrics import DEFAULT_LINGER_S
 
 DEFAULT_CONFIG_PATH = Path("config/tcpproxy.yaml")
 DEFAULT_ADMIN = "127.0.0.1:9901"
@@ -38,6 +39,10 @@ class Settings(BaseSettings):
     # Fallback re-read of the config file, in case no file event arrives (e.g. some network
     # filesystems). 0 disables it.
     poll_interval: Duration = DEFAULT_POLL_INTERVAL_S
+    # Watch the config file's directory for changes (off where inotify is unavailable).
+    watch: bool = True
+    # How long a drained-away backend's metric series are kept before they are dropped.
+    metrics_linger: Duration = DEFAULT_LINGER_S
 
 
 class SettingsError(Exception):
