@@ -1,0 +1,175 @@
+"""Process settings (DESIGN §3): CLI flag > TCPPROXY_* env > default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tcpproxy.settings import Settings, SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start every test from an environment with no TCPPROXY_* variables."""
+    for name in list(os.environ):
+        if name.upper().startswith("TCPPROXY_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults() -> None:
+    settings = load_settings()
+
+    assert settings.config == Path("config/tcpproxy.yaml")
+    assert settings.admin == "127.0.0.1:9901"
+    assert settings.log_level == "info"
+    assert settings.log_format == "text"
+    assert settings.shutdown_timeout == 30.0
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "field", "expected"),
+    [
+        (
+            "TCPPROXY_CONFIG",
+            "/etc/tcpproxy/routes.yaml",
+            "config",
+            Path("/etc/tcpproxy/routes.yaml"),
+        ),
+        ("TCPPROXY_ADMIN", "0.0.0.0:9000", "admin", "0.0.0.0:9000"),
+        ("TCPPROXY_ADMIN", "[::1]:9901", "admin", "[::1]:9901"),
+        ("TCPPROXY_ADMIN", "off", "admin", "off"),
+        ("TCPPROXY_LOG_LEVEL", "debug", "log_level", "debug"),
+        ("TCPPROXY_LOG_FORMAT", "json", "log_format", "json"),
+        ("TCPPROXY_SHUTDOWN_TIMEOUT", "5m", "shutdown_timeout", 300.0),
+        ("TCPPROXY_SHUTDOWN_TIMEOUT", "250ms", "shutdown_timeout", 0.25),
+        ("TCPPROXY_SHUTDOWN_TIMEOUT", "12", "shutdown_timeout", 12.0),
+    ],
+)
+def test_env_overrides_default(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, field: str, expected: object
+) -> None:
+    monkeypatch.setenv(env, value)
+
+    assert getattr(load_settings(), field) == expected
+
+
+def test_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCPPROXY_CONFIG", "/from/env.yaml")
+    monkeypatch.setenv("TCPPROXY_ADMIN", "0.0.0.0:9000")
+    monkeypatch.setenv("TCPPROXY_LOG_LEVEL", "debug")
+    monkeypatch.setenv("TCPPROXY_LOG_FORMAT", "json")
+    monkeypatch.setenv("TCPPROXY_SHUTDOWN_TIMEOUT", "5m")
+
+    settings = load_settings(
+        config=Path("/from/flag.yaml"),
+        admin="127.0.0.1:1234",
+        log_level="error",
+        log_format="text",
+        shutdown_timeout="2s",
+    )
+
+    assert settings.config == Path("/from/flag.yaml")
+    assert settings.admin == "127.0.0.1:1234"
+    assert settings.log_level == "error"
+    assert settings.log_format == "text"
+    assert settings.shutdown_timeout == 2.0
+
+
+def test_flag_given_as_none_means_not_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCPPROXY_ADMIN", "0.0.0.0:9000")
+
+    settings = load_settings(admin=None, log_format=None, shutdown_timeout=None)
+
+    assert settings.admin == "0.0.0.0:9000"
+    assert settings.log_format == "text"
+    assert settings.shutdown_timeout == 30.0
+
+
+def test_flags_override_defaults_without_env() -> None:
+    settings = load_settings(admin="off", log_format="json", shutdown_timeout=0)
+
+    assert (settings.admin, settings.log_format, settings.shutdown_timeout) == ("off", "json", 0.0)
+
+
+def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCPPROXY_SHUTDOWN_TIMEOUT", "5 parsecs")
+
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+
+    message = str(info.value)
+    assert message.startswith("TCPPROXY_SHUTDOWN_TIMEOUT: ")
+    assert "\n" not in message
+    assert "Traceback" not in message
+
+
+def test_bad_flag_value_names_the_flag() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(shutdown_timeout="5 parsecs")
+
+    message = str(info.value)
+    assert message.startswith("--shutdown-timeout: ")
+    assert "\n" not in message
+
+
+def test_bad_env_value_is_ignored_when_a_flag_overrides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCPPROXY_SHUTDOWN_TIMEOUT", "5 parsecs")
+
+    assert load_settings(shutdown_timeout="1s").shutdown_timeout == 1.0
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("TCPPROXY_ADMIN", "nope"),
+        ("TCPPROXY_ADMIN", "127.0.0.1:0"),
+        ("TCPPROXY_LOG_LEVEL", "loud"),
+        ("TCPPROXY_LOG_FORMAT", "xml"),
+        ("TCPPROXY_SHUTDOWN_TIMEOUT", "-1"),
+        ("TCPPROXY_SHUTDOWN_TIMEOUT", "inf"),
+    ],
+)
+def test_bad_env_values(monkeypatch: pytest.MonkeyPatch, env: str, value: str) -> None:
+    monkeypatch.setenv(env, value)
+
+    with pytest.raises(SettingsError, match=f"^{env}: "):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("admin", "nope"),
+        ("admin", "::1:9901"),
+        ("log_level", "loud"),
+        ("log_format", "xml"),
+        ("shutdown_timeout", -1),
+        ("shutdown_timeout", "inf"),
+    ],
+)
+def test_bad_flag_values(flag: str, value: object) -> None:
+    option = "--" + flag.replace("_", "-")
+
+    with pytest.raises(SettingsError, match=f"^{option}: "):
+        load_settings(**{flag: value})
+
+
+def test_admin_off_is_accepted() -> None:
+    assert load_settings(admin="off").admin == "off"
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings()
+
+    with pytest.raises(ValueError, match="frozen"):
+        settings.admin = "off"
+
+
+def test_unrelated_tcpproxy_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Kubernetes injects service links such as TCPPROXY_PORT for a Service named tcpproxy.
+    monkeypatch.setenv("TCPPROXY_PORT", "tcp://10.0.0.1:8008")
+    monkeypatch.setenv("TCPPROXY_SERVICE_HOST", "10.0.0.1")
+
+    assert isinstance(load_settings(), Settings)
