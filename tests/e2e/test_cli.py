@@ -1,0 +1,263 @@
+"""The CLI as users run it: real processes, real ports, real signals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from tcpproxy.demo import DEMO_CONFIG
+from tests.harness import Client, config_yaml, free_port, listener_yaml, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+TCPPROXY = [sys.executable, "-m", "tcpproxy"]
+
+
+class Process:
+    def __init__(self, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> None:
+        self.popen = subprocess.Popen(
+            [*TCPPROXY, *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    def signal(self, sig: int) -> None:
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float = 20) -> tuple[int, str, str]:
+        out, err = self.popen.communicate(timeout=timeout)
+        return self.popen.returncode, out, err
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.communicate()
+
+
+def http(url: str, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return 0, ""
+
+
+def port_open(port: int) -> bool:
+    try:
+        Client(port, timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def echo_backends() -> Iterator[dict[str, str]]:
+    """Two `tcpproxy echo` processes, v1 and v2."""
+    procs, addresses = [], {}
+    for name in ("v1", "v2"):
+        port = free_port()
+        procs.append(Process("echo", "--listen", f"127.0.0.1:{port}", "--name", name))
+        addresses[name] = f"127.0.0.1:{port}"
+        wait_until(partial(port_open, port), what=f"echo {name} up")
+    yield addresses
+    for p in procs:
+        p.signal(signal.SIGTERM)
+        assert p.wait()[0] == 0
+
+
+def test_version() -> None:
+    result = subprocess.run([*TCPPROXY, "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("tcpproxy ")
+
+
+def test_demo_config_file_matches_the_built_in_one() -> None:
+    assert (REPO / "config" / "demo.yaml").read_text() == DEMO_CONFIG
+
+
+def test_check_valid_invalid_and_missing(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [*TCPPROXY, "check", "--config", str(REPO / "config" / "tcpproxy.yaml")],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        (REPO / "config" / "tcpproxy.yaml").read_text().replace("weight: 80", "weight: x")
+    )
+    result = subprocess.run(
+        [*TCPPROXY, "check", "--config", str(bad)], check=False, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{bad}: listeners[0].backends[0].weight: Input should be a valid integer"
+    ]
+    missing = subprocess.run(
+        [*TCPPROXY, "check"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TCPPROXY_CONFIG": str(tmp_path / "nope.yaml")},
+    )
+    assert missing.returncode == 1
+    assert missing.stderr == f"{tmp_path / 'nope.yaml'}: file not found\n"
+
+
+def test_run_with_a_bad_config_exits_1_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("listeners:\n  - name: x\n    bind: nowhere\n    backends: []\n")
+    proc = Process("run", "--config", str(path), "--admin", "off")
+    code, _, err = proc.wait()
+    assert code == 1
+    assert "Traceback" not in err
+    assert err.splitlines() == [
+        f"{path}: listeners[0].bind: invalid address 'nowhere': expected host:port",
+        f"{path}: listeners[0].backends: at least one backend is required",
+    ]
+
+
+def test_bad_setting_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    proc = Process("run", env={"TCPPROXY_SHUTDOWN_TIMEOUT": "soon"})
+    code, _, err = proc.wait()
+    assert code == 2
+    assert err.startswith("TCPPROXY_SHUTDOWN_TIMEOUT: invalid duration 'soon'")
+
+
+def test_run_relays_reloads_on_sighup_and_drains_on_sigterm(
+    tmp_path: Path, echo_backends: dict[str, str]
+) -> None:
+    port, admin = free_port(), free_port()
+    path = tmp_path / "routes" / "tcpproxy.yaml"
+    path.parent.mkdir()
+
+    def routes(w1: int, w2: int) -> str:
+        return config_yaml(
+            listener_yaml(
+                "app", port, {"v1": (echo_backends["v1"], w1), "v2": (echo_backends["v2"], w2)}
+            )
+        )
+
+    path.write_text(routes(1, 0))
+    proc = Process(
+        "run",
+        "--config", str(path),
+        "--admin", f"127.0.0.1:{admin}",
+        "--no-watch",
+        "--poll-interval", "0",
+        "--shutdown-timeout", "20s",
+        "--log-format", "json",
+    )  # fmt: skip
+    try:
+        wait_until(lambda: http(f"http://127.0.0.1:{admin}/readyz")[0] == 200, what="ready")
+        held = Client(port)
+        assert held.greeting() == "v1"
+        assert held.echo(b"hello\n") == b"hello\n"
+        # Only SIGHUP can apply this edit: no watch, no poll.
+        path.write_text(routes(0, 1))
+        proc.signal(signal.SIGHUP)
+        wait_until(
+            lambda: (
+                json.loads(http(f"http://127.0.0.1:{admin}/status")[1])["last_reload"]["trigger"]
+                == "sighup"
+            ),
+            what="SIGHUP reload",
+        )
+        fresh = Client(port)
+        assert fresh.greeting() == "v2"
+        fresh.close()
+        # SIGTERM: not ready any more, listener closed, the live connection may finish.
+        proc.signal(signal.SIGTERM)
+        wait_until(lambda: http(f"http://127.0.0.1:{admin}/readyz")[0] == 503, what="503")
+        wait_until(lambda: not port_open(port), what="listener closed")
+        assert held.echo(b"still served while draining\n") == b"still served while draining\n"
+        held.close()
+        code, _, err = proc.wait()
+        assert code == 0
+    finally:
+        proc.kill()
+    records = [json.loads(line) for line in err.splitlines()]
+    assert all({"time", "severity", "message"} <= set(r) for r in records)
+    access = [r for r in records if r["logger"] == "tcpproxy.access"]
+    assert [(r["backend"], r["end"]) for r in access] == [
+        ("v2", "client_closed"),
+        ("v1", "client_closed"),
+    ]
+    assert access[1]["bytes_up"] == len(b"hello\nstill served while draining\n")
+    reloads = [r for r in records if r.get("trigger") == "sighup"]
+    assert reloads[0]["result"] == "success"
+    assert reloads[0]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_shutdown_timeout_closes_what_is_left(
+    tmp_path: Path, echo_backends: dict[str, str]
+) -> None:
+    port = free_port()
+    path = tmp_path / "tcpproxy.yaml"
+    path.write_text(config_yaml(listener_yaml("app", port, {"v1": (echo_backends["v1"], 1)})))
+    proc = Process("run", "--config", str(path), "--admin", "off", "--shutdown-timeout", "300ms")
+    try:
+        wait_until(lambda: port_open(port), what="listening")
+        held = Client(port)
+        assert held.greeting() == "v1"
+        proc.signal(signal.SIGTERM)
+        assert held.is_closed(timeout=10)
+        held.close()
+        code, _, _ = proc.wait()
+        assert code == 0
+    finally:
+        proc.kill()
+
+
+def test_demo_serves_telnet_on_8008_and_stops_cleanly(tmp_path: Path) -> None:
+    # Run outside the checkout: the demo must work from an installed package, too.
+    proc = Process("demo", cwd=tmp_path)
+    try:
+        wait_until(lambda: port_open(8008), what="demo listening on 8008")
+        seen = set()
+        for _ in range(10):
+            c = Client(8008)
+            seen.add(c.greeting())
+            assert c.echo(b"ping\r\n") == b"ping\r\n"
+            c.close()
+        assert seen == {"v1", "v2"}  # 80/20: 10 connections reach both
+        status, page = http("http://127.0.0.1:9901/")
+        assert status == 200
+        assert "v1" in page
+        assert "v2" in page
+        # The README walkthrough with the real telnet: the greeting, then our line echoed.
+        assert shutil.which("telnet"), "telnet is missing: ./scripts/test installs it"
+        session = subprocess.run(
+            ["sh", "-c", "(printf 'ping\\r\\n'; sleep 1) | telnet 127.0.0.1 8008"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert "hello from v" in session.stdout
+        assert "ping" in session.stdout.split("hello from", 1)[1]
+        proc.signal(signal.SIGINT)
+        code, out, _ = proc.wait()
+        assert code == 0
+        assert "telnet localhost 8008" in out
+    finally:
+        proc.kill()
+    assert not port_open(8008)

@@ -1,0 +1,366 @@
+"""Test harness: a proxy on its own event loop thread, backends beside it, blocking clients.
+
+Tests drive the proxy the way users do, over real loopback sockets, while the proxy runs its
+real event loop (uvloop) in a thread; `LoopThread.call` reads its state safely from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvloop
+
+from tcpproxy.demo import EchoProtocol
+from tcpproxy.proxy import Proxy, ReloadResult
+from tcpproxy.reloader import Reloader
+
+T = TypeVar("T")
+WAIT_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S, what: str = "") -> None:
+    """Poll a condition that has no event to await (state in another process or thread)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.01)
+
+
+class LoopThread:
+    """An event loop running forever in a daemon thread."""
+
+    def __init__(self, use_uvloop: bool = True) -> None:
+        self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Awaitable[T], timeout: float = WAIT_S) -> T:
+        async def wrapper() -> T:
+            return await coro
+
+        future: Future[T] = asyncio.run_coroutine_threadsafe(wrapper(), self.loop)
+        return future.result(timeout)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        async def wrapper() -> T:
+            return fn(*args)
+
+        return self.run(wrapper())
+
+    def stop(self) -> None:
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self.run(cancel_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(WAIT_S)
+        self.loop.close()
+
+
+class Backends:
+    """Test backends on a LoopThread: echo servers that greet with their name, and raw ones."""
+
+    def __init__(self, thread: LoopThread) -> None:
+        self.thread = thread
+        self.servers: dict[str, asyncio.AbstractServer] = {}
+        self.addresses: dict[str, str] = {}
+
+    def start(
+        self,
+        name: str,
+        factory: Callable[[], asyncio.Protocol] | None = None,
+        port: int | None = None,
+    ) -> str:
+        port = port or free_port()
+
+        async def start() -> asyncio.AbstractServer:
+            loop = asyncio.get_running_loop()
+            return await loop.create_server(
+                factory or (lambda: EchoProtocol(name)), "127.0.0.1", port, reuse_address=True
+            )
+
+        self.servers[name] = self.thread.run(start())
+        self.addresses[name] = f"127.0.0.1:{port}"
+        return self.addresses[name]
+
+    def stop(self, name: str) -> None:
+        server = self.servers.pop(name)
+
+        async def stop() -> None:
+            server.close()
+
+        self.thread.run(stop())
+
+    def close(self) -> None:
+        for name in list(self.servers):
+            self.stop(name)
+
+
+class RunningProxy:
+    """A Proxy started from a config file in `directory`, on its own loop thread."""
+
+    def __init__(self, thread: LoopThread, config_path: Path, metrics_linger_s: float = 0) -> None:
+        self.thread = thread
+        self.config_path = config_path
+        self.proxy: Proxy = thread.call(Proxy, config_path, metrics_linger_s)
+        thread.run(self.proxy.start())
+        self.reloader: Reloader | None = None
+
+    def watch(self, poll_interval_s: float = 0) -> None:
+        """Start the real reloader (directory watch, SIGHUP handler, optional poll)."""
+
+        def start() -> Reloader:
+            reloader = Reloader(self.proxy, poll_interval_s)
+            reloader.start()
+            return reloader
+
+        self.reloader = self.thread.call(start)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample as a Prometheus scrape would see it (None: no such series)."""
+        return self.state(lambda p: p.metrics.registry.get_sample_value(name, labels))
+
+    def reload_count(self, result: str = "success") -> float | None:
+        return self.metric("tcpproxy_config_reloads_total", result=result)
+
+    def write_config(self, text: str) -> None:
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config_path)
+
+    def reload(self, trigger: str = "test") -> ReloadResult:
+        return self.thread.run(self.proxy.reload(trigger))
+
+    def port(self, listener: str) -> int:
+        return int(
+            self.thread.call(lambda: self.proxy.listeners[listener].config.bind).rsplit(":", 1)[1]
+        )
+
+    def state(self, fn: Callable[[Proxy], T]) -> T:
+        return self.thread.call(fn, self.proxy)
+
+    def backend_stat(self, listener: str, backend: str, attr: str) -> Any:
+        def read(proxy: Proxy) -> Any:
+            for lst in proxy.all_listeners():
+                if lst.name != listener:
+                    continue
+                for b in lst.all_backends():
+                    if b.name == backend:
+                        value = getattr(b, attr)
+                        return value() if callable(value) else value
+            raise KeyError((listener, backend))
+
+        return self.state(read)
+
+    def shutdown(self, grace_s: float = 0) -> None:
+        if self.reloader is not None:
+            self.thread.run(self.reloader.stop())
+        self.thread.run(self.proxy.shutdown(grace_s))
+
+
+def listener_yaml(
+    name: str,
+    port: int,
+    backends: dict[str, tuple[str, int]],
+    **options: object,
+) -> str:
+    """YAML for one listener; `backends` maps name -> (address, weight)."""
+    lines = [
+        f"  - name: {name}",
+        f'    bind: "127.0.0.1:{port}"',
+        "    backends:",
+    ]
+    for backend, (address, weight) in backends.items():
+        lines += [
+            f"      - name: {backend}",
+            f'        address: "{address}"',
+            f"        weight: {weight}",
+        ]
+    lines += [f"    {key}: {value}" for key, value in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+def config_yaml(*listeners: str) -> str:
+    return "listeners:\n" + "".join(listeners)
+
+
+class Client:
+    """A blocking client socket with timeouts, for tests."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = WAIT_S) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+
+    def greeting(self) -> str:
+        """The backend's `hello from NAME` line: which backend this connection reached."""
+        line = self.read_line()
+        assert line.startswith("hello from "), line
+        return line.removeprefix("hello from ").strip()
+
+    def read_line(self) -> str:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = self.sock.recv(1)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode()
+
+    def read_exactly(self, n: int) -> bytes:
+        parts = []
+        while n:
+            chunk = self.sock.recv(min(n, 1 << 20))
+            if not chunk:
+                raise EOFError(f"connection closed with {n} bytes still expected")
+            parts.append(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+
+    def read_all(self) -> bytes:
+        parts = []
+        while chunk := self.sock.recv(1 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def is_closed(self, timeout: float = WAIT_S) -> bool:
+        """True once the peer closed (EOF or reset) within `timeout`."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1 << 16) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.sock.settimeout(WAIT_S)
+
+    def echo(self, data: bytes) -> bytes:
+        self.sock.sendall(data)
+        return self.read_exactly(len(data))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def clients(port: int, n: int) -> Iterator[list[Client]]:
+    opened = [Client(port) for _ in range(n)]
+    try:
+        yield opened
+    finally:
+        for c in opened:
+            c.close()
+
+
+_PERIOD = 65521  # prime, so the pattern does not line up with power-of-two chunk sizes
+_TILE = bytes((i * 7 + (i >> 8)) & 0xFF for i in range(_PERIOD)) * 34  # ~2.2 MB
+
+
+def pattern(n: int, offset: int = 0) -> bytes:
+    """Deterministic bytes whose value depends on position, so loss or reordering shows."""
+    parts = []
+    while n > 0:
+        start = offset % _PERIOD
+        take = min(n, len(_TILE) - _PERIOD)
+        parts.append(_TILE[start : start + take])
+        n -= take
+        offset += take
+    return b"".join(parts)
+
+
+PUSH_CHUNK_BYTES = 64 * 1024
+
+
+class ScriptedBackend(asyncio.Protocol):
+    """A backend driven by the client's first line:
+
+    - `push N`: send N pattern bytes (honouring flow control), then FIN; keep reading and
+      record what arrives after our FIN in `log` (half-close the other way).
+    - `sink`: read until the client's FIN, then answer `COUNT SHA256` and FIN.
+    - `reset`: wait for the next bytes, then reset the connection.
+    """
+
+    def __init__(self, log: list[tuple[str, int]]) -> None:
+        self.log = log
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.mode: str | None = None
+        self.count = 0
+        self.digest = hashlib.sha256()
+        self.to_push = 0
+        self.pushed = 0
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.mode is None:
+            self.buffer += data
+            if b"\n" not in self.buffer:
+                return
+            line, _, data = self.buffer.partition(b"\n")
+            command, *args = line.decode().split()
+            self.mode = command
+            if command == "push":
+                self.to_push = int(args[0])
+                self._push()
+            if not data:
+                return
+        if self.mode == "reset":
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+            return
+        self.count += len(data)
+        self.digest.update(data)
+
+    def _push(self) -> None:
+        assert self.transport is not None
+        while self.pushed < self.to_push and not self.paused:
+            n = min(PUSH_CHUNK_BYTES, self.to_push - self.pushed)
+            self.transport.write(pattern(n, self.pushed))
+            self.pushed += n
+        if self.pushed == self.to_push and not self.paused:
+            self.transport.write_eof()
+            self.to_push = -1
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.mode == "push" and self.to_push >= 0:
+            self._push()
+
+    def eof_received(self) -> bool:
+        assert self.transport is not None
+        if self.mode == "sink":
+            self.transport.write(f"{self.count} {self.digest.hexdigest()}\n".encode())
+        self.log.append((f"{self.mode}-eof", self.count))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.log.append((f"{self.mode}-lost", self.count))

@@ -1,0 +1,407 @@
+"""Hot reload and draining over real files and sockets (DESIGN §2)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from tests.harness import (
+    Backends,
+    Client,
+    LoopThread,
+    RunningProxy,
+    ScriptedBackend,
+    clients,
+    config_yaml,
+    free_port,
+    listener_yaml,
+    pattern,
+    wait_until,
+)
+
+Start = Callable[[str], RunningProxy]
+
+
+def two_backends(port: int, v1: str, v2: str, w1: int, w2: int, **options: object) -> str:
+    return config_yaml(listener_yaml("app", port, {"v1": (v1, w1), "v2": (v2, w2)}, **options))
+
+
+def greeted_by(port: int, n: int) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(n):
+        c = Client(port)
+        seen[c.greeting()] += 1
+        c.close()
+    return seen
+
+
+def weights(running: RunningProxy) -> dict[str, int]:
+    return running.state(lambda p: {b.name: b.weight for b in p.listeners["app"].backends.values()})
+
+
+# -- triggers: what the kubelet and editors do to files --
+
+
+def kubelet_swap(directory: Path, text: str, generation: int) -> None:
+    """Update a mounted ConfigMap the way the kubelet does: write a new timestamped directory,
+    point `..data_tmp` at it, rename that over `..data`, remove the old directory."""
+    new_dir = directory / f"..2026_11_25_12_00_{generation:02d}.000000000"
+    new_dir.mkdir()
+    (new_dir / "tcpproxy.yaml").write_text(text)
+    old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
+    tmp = directory / "..data_tmp"
+    os.symlink(new_dir.name, tmp)
+    os.replace(tmp, directory / "..data")
+    if not (directory / "tcpproxy.yaml").is_symlink():
+        os.symlink("..data/tcpproxy.yaml", directory / "tcpproxy.yaml")
+    if old is not None:
+        for f in (directory / old).iterdir():
+            f.unlink()
+        (directory / old).rmdir()
+
+
+def test_configmap_symlink_swaps_are_each_applied(
+    backends: Backends, loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    directory = tmp_path / "configmap"
+    directory.mkdir()
+    kubelet_swap(directory, two_backends(port, v1, v2, 1, 0), 0)
+    running = RunningProxy(loop_thread, directory / "tcpproxy.yaml")
+    running.watch()
+    try:
+        for generation, (w1, w2) in enumerate([(0, 1), (3, 1), (1, 5)], start=1):
+            kubelet_swap(directory, two_backends(port, v1, v2, w1, w2), generation)
+            wait_until(
+                partial(lambda want: weights(running) == want, {"v1": w1, "v2": w2}),
+                what=f"swap {generation} applied",
+            )
+        assert running.reload_count("success") == 4  # start-up + 3 swaps
+        assert running.reload_count("failure") == 0
+        assert greeted_by(port, 6) == {"v1": 1, "v2": 5}
+    finally:
+        running.shutdown()
+
+
+def test_editor_rename_and_in_place_writes_are_applied(
+    backends: Backends, start_proxy: Start
+) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    running = start_proxy(two_backends(port, v1, v2, 1, 0))
+    running.watch()
+    path = running.config_path
+    # Rename-on-save: write a sibling file, rename it over the config.
+    running.write_config(two_backends(port, v1, v2, 0, 1))
+    wait_until(lambda: weights(running) == {"v1": 0, "v2": 1}, what="rename applied")
+    # In place: truncate and write the same inode.
+    with path.open("r+") as f:
+        f.truncate(0)
+        f.write(two_backends(port, v1, v2, 2, 2))
+    wait_until(lambda: weights(running) == {"v1": 2, "v2": 2}, what="in-place write applied")
+    assert running.reload_count("failure") == 0
+
+
+def test_half_written_file_is_rejected_then_the_complete_one_applied(
+    backends: Backends, start_proxy: Start
+) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    running = start_proxy(two_backends(port, v1, v2, 1, 0))
+    running.watch()
+    full = two_backends(port, v1, v2, 0, 1)
+    cut = full.index("weight: 0") + len("weig")  # stop in the middle of a key
+    with running.config_path.open("w") as f:
+        f.write(full[:cut])
+        f.flush()
+        wait_until(lambda: running.reload_count("failure") == 1, what="half file rejected")
+        # The old config keeps serving meanwhile.
+        assert weights(running) == {"v1": 1, "v2": 0}
+        assert greeted_by(port, 2) == {"v1": 2}
+        f.write(full[cut:])
+    wait_until(lambda: weights(running) == {"v1": 0, "v2": 1}, what="complete file applied")
+    assert greeted_by(port, 2) == {"v2": 2}
+
+
+def test_bad_files_never_replace_the_running_config(backends: Backends, start_proxy: Start) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    good = two_backends(port, v1, v2, 1, 0)
+    running = start_proxy(good)
+    bad_files = [
+        "",  # empty
+        "listeners: [",  # YAML syntax error
+        good.replace("weight: 1", "weight: -1"),  # schema error
+        good.replace("weight: 1", "weight: 1\n        colour: blue"),  # unknown key
+    ]
+    for n, text in enumerate(bad_files, start=1):
+        running.write_config(text)
+        result = running.reload()
+        assert result.result == "failure"
+        assert len(result.problems) == 1
+        assert result.problems[0].startswith(str(running.config_path))
+        assert running.reload_count("failure") == n
+        assert greeted_by(port, 1) == {"v1": 1}
+    running.config_path.unlink()  # missing for a moment, as during a swap
+    result = running.reload()
+    assert result.problems == (f"{running.config_path}: file not found",)
+    assert running.metric("tcpproxy_config_last_reload_successful") == 0
+    running.write_config(two_backends(port, v1, v2, 0, 1))
+    assert running.reload().result == "success"
+    assert running.metric("tcpproxy_config_last_reload_successful") == 1
+    assert greeted_by(port, 1) == {"v2": 1}
+
+
+def test_same_bytes_again_is_not_a_reload(backends: Backends, start_proxy: Start) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    text = two_backends(port, v1, v2, 1, 1)
+    running = start_proxy(text)
+    running.watch()
+    running.write_config(text)  # same bytes, new inode and mtime
+    running.config_path.touch()
+    assert running.reload("admin").result == "unchanged"
+    # Give the watcher a chance to have fired, then confirm it changed nothing.
+    marker = running.config_path.parent / "unrelated"
+    marker.write_text("x")
+    time.sleep(0.3)
+    assert running.reload_count("success") == 1  # only the start-up
+
+
+# -- semantics: pinning and draining --
+
+
+def test_weight_flip_keeps_old_connections_pinned(backends: Backends, start_proxy: Start) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    running = start_proxy(two_backends(port, v1, v2, 100, 0))
+    with clients(port, 10) as old:
+        assert {c.greeting() for c in old} == {"v1"}
+        running.write_config(two_backends(port, v1, v2, 0, 100))
+        assert running.reload().result == "success"
+        for i, c in enumerate(old):
+            line = f"still on v1 #{i}\n".encode()
+            assert c.echo(line) == line
+        assert greeted_by(port, 10) == {"v2": 10}
+        assert running.backend_stat("app", "v1", "state") == "zero"
+        assert len(running.backend_stat("app", "v1", "connections")) == 10
+
+
+def test_removed_backend_drains_until_its_deadline(backends: Backends, start_proxy: Start) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    running = start_proxy(two_backends(port, v1, v2, 1, 1, drain_timeout="2s"))
+    with clients(port, 8) as held:
+        names = [c.greeting() for c in held]
+        on_v1 = [c for c, name in zip(held, names, strict=True) if name == "v1"]
+        on_v2 = [c for c, name in zip(held, names, strict=True) if name == "v2"]
+        assert len(on_v1) == len(on_v2) == 4
+        running.write_config(
+            config_yaml(listener_yaml("app", port, {"v2": (v2, 1)}, drain_timeout="2s"))
+        )
+        removed_at = time.monotonic()
+        assert running.reload().result == "success"
+        assert running.backend_stat("app", "v1", "state") == "draining"
+        assert greeted_by(port, 4) == {"v2": 4}
+        # During the window the draining connections still work.
+        for c in on_v1:
+            assert c.echo(b"during drain\n") == b"during drain\n"
+        for c in on_v1:
+            assert c.is_closed(timeout=10)
+        assert time.monotonic() - removed_at >= 2.0
+        for c in on_v2:
+            assert c.echo(b"untouched\n") == b"untouched\n"
+    assert running.metric(
+        "tcpproxy_drain_closed_connections_total", listener="app", backend="v1"
+    ) in (4, None)
+
+
+def test_drain_closes_are_counted_and_series_go_after_linger(
+    backends: Backends, loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    path = tmp_path / "tcpproxy.yaml"
+    path.write_text(two_backends(port, v1, v2, 1, 0, drain_timeout="200ms"))
+    running = RunningProxy(loop_thread, path, metrics_linger_s=1.0)
+    try:
+        with clients(port, 3) as held:
+            assert {c.greeting() for c in held} == {"v1"}
+            running.write_config(
+                config_yaml(listener_yaml("app", port, {"v2": (v2, 1)}, drain_timeout="200ms"))
+            )
+            running.reload()
+            assert all(c.is_closed() for c in held)
+        labels = {"listener": "app", "backend": "v1"}
+        wait_until(
+            lambda: running.metric("tcpproxy_drain_closed_connections_total", **labels) == 3,
+            what="drain closes counted",
+        )
+        assert running.metric("tcpproxy_backend_draining", **labels) == 1
+        assert running.metric("tcpproxy_connections_total", **labels) == 3
+        wait_until(
+            lambda: running.metric("tcpproxy_connections_total", **labels) is None,
+            what="series dropped after the linger",
+        )
+        assert running.metric("tcpproxy_connections_total", listener="app", backend="v2") == 0
+    finally:
+        running.shutdown()
+
+
+def test_backend_put_back_before_deadline_is_active_again(
+    backends: Backends, start_proxy: Start
+) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    both = two_backends(port, v1, v2, 1, 0, drain_timeout="1s")
+    running = start_proxy(both)
+    with clients(port, 2) as held:
+        assert {c.greeting() for c in held} == {"v1"}
+        running.write_config(
+            config_yaml(listener_yaml("app", port, {"v2": (v2, 1)}, drain_timeout="1s"))
+        )
+        running.reload()
+        assert running.backend_stat("app", "v1", "state") == "draining"
+        running.write_config(both)
+        assert running.reload().result == "success"
+        assert running.backend_stat("app", "v1", "state") == "active"
+        assert running.backend_stat("app", "v1", "drain_deadline") is None
+        # Well past the old deadline the connections are still served.
+        time.sleep(1.5)
+        for c in held:
+            assert c.echo(b"kept\n") == b"kept\n"
+        assert greeted_by(port, 1) == {"v1": 1}
+
+
+def test_listener_added_removed_and_moved(backends: Backends, start_proxy: Start) -> None:
+    v1 = backends.start("v1")
+    a, b, b2 = free_port(), free_port(), free_port()
+    first = listener_yaml("a", a, {"v1": (v1, 1)}, drain_timeout="30s")
+    running = start_proxy(config_yaml(first))
+    held = Client(a)
+    assert held.greeting() == "v1"
+    # Add listener b.
+    running.write_config(config_yaml(first, listener_yaml("b", b, {"v1": (v1, 1)})))
+    assert running.reload().result == "success"
+    assert greeted_by(b, 1) == {"v1": 1}
+    # Move b to another port: the old port stops accepting.
+    running.write_config(config_yaml(first, listener_yaml("b", b2, {"v1": (v1, 1)})))
+    assert running.reload().result == "success"
+    assert greeted_by(b2, 1) == {"v1": 1}
+    try:
+        socket.create_connection(("127.0.0.1", b), timeout=2).close()
+        raise AssertionError("old bind still accepts")
+    except ConnectionRefusedError:
+        pass
+    # Remove listener a: it stops accepting, its connection drains and keeps working.
+    running.write_config(config_yaml(listener_yaml("b", b2, {"v1": (v1, 1)})))
+    assert running.reload().result == "success"
+    assert held.echo(b"draining listener\n") == b"draining listener\n"
+    try:
+        socket.create_connection(("127.0.0.1", a), timeout=2).close()
+        raise AssertionError("removed listener still accepts")
+    except ConnectionRefusedError:
+        pass
+    assert running.state(lambda p: "a" in p.retired)
+    held.close()
+    wait_until(lambda: running.state(lambda p: "a" not in p.retired), what="listener gone")
+
+
+def test_bind_failure_on_reload_keeps_old_config(backends: Backends, start_proxy: Start) -> None:
+    v1 = backends.start("v1")
+    port = free_port()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    taken = blocker.getsockname()[1]
+    first = listener_yaml("a", port, {"v1": (v1, 1)})
+    running = start_proxy(config_yaml(first))
+    running.write_config(config_yaml(first, listener_yaml("b", taken, {"v1": (v1, 1)})))
+    result = running.reload()
+    blocker.close()
+    assert result.result == "failure"
+    assert result.problems[0].endswith(
+        f"listeners[1].bind: cannot listen on 127.0.0.1:{taken}: Address already in use"
+    )
+    assert running.state(lambda p: sorted(p.listeners)) == ["a"]
+    assert greeted_by(port, 1) == {"v1": 1}
+
+
+def test_reload_storm_loses_and_alters_nothing(backends: Backends, start_proxy: Start) -> None:
+    """200 reloads while 50 connections stream checksummed data both ways."""
+    log: list[tuple[str, int]] = []
+    s1 = backends.start("s1", lambda: ScriptedBackend(log))
+    s2 = backends.start("s2", lambda: ScriptedBackend(log))
+    port = free_port()
+
+    def cfg(w1: int, w2: int) -> str:
+        return config_yaml(listener_yaml("app", port, {"s1": (s1, w1), "s2": (s2, w2)}))
+
+    running = start_proxy(cfg(1, 1))
+    push_size = 20_000_000
+    stop = threading.Event()
+    errors: list[str] = []
+    results: list[bool] = []
+
+    def stream(i: int) -> None:
+        # Even connections stream up and get a checksum back, odd ones receive a pushed stream;
+        # both verify every byte. Both go on until the reloads are done.
+        try:
+            c = Client(port)
+            if i % 2 == 0:
+                c.sock.sendall(b"sink\n")
+                sent = hashlib.sha256()
+                n = 0
+                while not stop.is_set() or n < 1_000_000:
+                    chunk = pattern(50_000, n + i)
+                    c.sock.sendall(chunk)
+                    sent.update(chunk)
+                    n += len(chunk)
+                    time.sleep(0.01)
+                c.sock.shutdown(socket.SHUT_WR)
+                results.append(c.read_all().decode().split() == [str(n), sent.hexdigest()])
+            else:
+                c.sock.sendall(b"push %d\n" % push_size)
+                got = hashlib.sha256()
+                n = 0
+                while chunk := c.sock.recv(65536):
+                    got.update(chunk)
+                    n += len(chunk)
+                    if not stop.is_set():
+                        time.sleep(0.005)
+                expected = hashlib.sha256(pattern(push_size)).digest()
+                results.append(n == push_size and got.digest() == expected)
+            c.close()
+        except Exception as exc:  # collected and reported below
+            errors.append(f"{i}: {exc!r}")
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: running.state(lambda p: p.open_connections) == 50, what="50 streams")
+    reloads = 0
+    for k in range(1, 201):
+        running.write_config(cfg(1 + k % 7, 1 + (k * 3) % 5))
+        reloads += running.reload().result == "success"
+    during = running.state(lambda p: p.open_connections)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert reloads == 200
+    assert during == 50  # every stream was still open through all 200 reloads
+    assert not errors, errors
+    assert results == [True] * 50
+    # No connection was closed by the proxy: all 50 ended by their own peers' FINs.
+    assert running.state(lambda p: sum(b.drain_closed for b in p.all_backends())) == 0
+    assert (
+        running.backend_stat("app", "s1", "total") + running.backend_stat("app", "s2", "total")
+        == 50
+    )
