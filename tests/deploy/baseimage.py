@@ -219,5 +219,3 @@ def ensure_base_image() -> str:
             timeout=300,
         )
     return image
-
-

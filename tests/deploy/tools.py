@@ -1,7 +1,7 @@
 """Locating and running the command-line tools the deploy tests need.
 
-CI installs every tool with scripts/ci-deploy-deps.sh, so a missing one is a failure with
-the fix in its message, never a skip.
+CI installs every tool with scripts/test (apt) and the dev extras (pip), so a missing one
+is a failure with the fix in its message, never a skip.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ K8S_DIR = DEPLOY_DIR / "k8s"
 COMPOSE_DIR = DEPLOY_DIR / "compose"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 
-INSTALL_HINT = "run `bash scripts/ci-deploy-deps.sh` (as root) to install it"
+INSTALL_HINT = "run `./scripts/test` (as root) to install it"
 
 
 def find_tool(name: str) -> str:
@@ -62,3 +62,28 @@ def run(
             f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
         )
     return proc
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in a duration as DESIGN §1 writes them: `30`, `0.5`, `250ms`, `30s`, `5m`, `1h`."""
+    if isinstance(text, int | float):
+        return float(text)
+    value = text.strip()
+    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
+        if value.endswith(unit):
+            return float(value[: -len(unit)]) * _DURATION_UNITS[unit]
+    return float(value)
+
+
+def check_route_config(text: str, tmp_dir: Path) -> None:
+    """Fail unless `tcpproxy check` (the contract's validator) accepts this route config."""
+    path = tmp_dir / "tcpproxy.yaml"
+    path.write_text(text)
+    proc = run([sys.executable, "-m", "tcpproxy", "check", "--config", str(path)], check=False)
+    assert proc.returncode == 0, (
+        f"`tcpproxy check` rejected the route config (exit {proc.returncode}):\n"
+        f"{proc.stdout}{proc.stderr}\n--- config ---\n{text}"
+    )
