@@ -1,0 +1,372 @@
+"""Side-by-side benchmark: direct, tcpproxy, HAProxy and nginx stream over the same backends.
+
+    python benchmarks/bench.py [--quick] [--only NAME ...] [--json PATH] [--png PATH]
+
+Each round runs every workload against every target in turn (the order rotates per round), so
+that all figures come from the same run under the same conditions; the result per figure is
+the median over rounds, compared with HAProxy's. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tcpbench import report, workloads
+from tcpbench.peers import PeerStatus, ensure_peers, machine_info, peer_versions
+from tcpbench.procs import Processes, StartError, raise_nofile
+from tcpbench.targets import Running, Target, start, tcpproxy_engine_setting, tcpproxy_target
+from tcpbench.workloads import FULL, QUICK, Params, WorkloadError
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEFAULT_ENGINES = ("copy",)
+GIT_TIMEOUT_S = 5.0
+PEER_TARGETS = ("haproxy", "nginx")
+WORKLOAD_NEEDS = {
+    "bulk": "iperf3",
+    "rr": "redis",
+    "conn": "redis",
+    "latency": "redis",
+    "memory": "redis",
+}
+WORKLOAD_METRICS = {
+    w: [m.key for m in report.METRICS if m.workload == w and not m.derived]
+    for w in report.WORKLOADS
+}
+# A failed measurement is recorded and the run goes on.
+MEASURE_ERRORS = (WorkloadError, StartError, subprocess.TimeoutExpired, OSError)
+
+
+class Progress:
+    """One line per step on stderr, with elapsed time and a step counter."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.total = 0
+        self.done = 0
+
+    def say(self, text: str) -> None:
+        elapsed = time.monotonic() - self.t0
+        print(f"[{elapsed:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        self.say(f"({self.done}/{self.total}) {text}")
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark tcpproxy against direct, HAProxy and nginx on loopback.",
+    )
+    p.add_argument("--quick", action="store_true", help="short run (< 1 minute) for checks")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        default=[],
+        help=f"workloads ({', '.join(report.WORKLOADS)}) and/or targets "
+        "(direct, haproxy, nginx, tcpproxy-ENGINE) to run; default all",
+    )
+    p.add_argument(
+        "--engines",
+        default=",".join(DEFAULT_ENGINES),
+        help="tcpproxy relay engines, each run as target tcpproxy-ENGINE, comma-separated "
+        "(default: copy)",
+    )
+    p.add_argument("--rounds", type=int, help="override the number of rounds")
+    p.add_argument(
+        "--conn-close",
+        choices=("server", "client"),
+        default="server",
+        help="new connections: who closes first (default server; see README)",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        help="JSON output (default results/latest.json, results/quick.json with --quick)",
+    )
+    p.add_argument("--png", type=Path, help="PNG chart (default next to the JSON's default)")
+    p.add_argument("--no-install", action="store_true", help="never apt-get install peers")
+    return p.parse_args(argv)
+
+
+def _select(only: Sequence[str], engines: Sequence[str]) -> tuple[list[str], list[Target]]:
+    all_targets = [
+        Target("direct", "direct"),
+        Target("haproxy", "haproxy"),
+        Target("nginx", "nginx"),
+        *(tcpproxy_target(e) for e in engines),
+    ]
+    names = {t.name for t in all_targets}
+    unknown = [n for n in only if n not in names and n not in report.WORKLOADS]
+    if unknown:
+        raise SystemExit(
+            f"--only: unknown name(s) {', '.join(unknown)}; "
+            f"known: {', '.join([*report.WORKLOADS, *sorted(names)])}"
+        )
+    wl = [w for w in report.WORKLOADS if w in only] or list(report.WORKLOADS)
+    ts = [t for t in all_targets if t.name in only] or all_targets
+    return wl, ts
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+class Bench:
+    """One run: peers, backends, targets, the interleaved rounds, and the report."""
+
+    def __init__(self, args: argparse.Namespace, procs: Processes, workdir: Path) -> None:
+        self.args = args
+        self.procs = procs
+        self.workdir = workdir
+        self.progress = Progress()
+        self.say = self.progress.say
+        params = QUICK if args.quick else FULL
+        if args.rounds:
+            params = Params(**{**params.to_json(), "rounds": args.rounds})
+        params = Params(**{**params.to_json(), "conn_close": args.conn_close})
+        self.params: Params = params
+        engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+        self.workloads, self.wanted_targets = _select(args.only, engines)
+        self.skipped: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.backends: dict[str, int] = {}
+        self.running: dict[str, Running] = {}
+        self.engine_settings: dict[str, str | None] = {}
+        self.idle_count = workloads.idle_conns_possible(params.idle_conns)
+        self.samples = report.Samples()
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.say(text)
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def ensure_peers(self) -> PeerStatus:
+        """Install (root + apt) or skip each missing program, with one clear line each."""
+        names = sorted(
+            {WORKLOAD_NEEDS[w] for w in self.workloads}
+            | {t.kind for t in self.wanted_targets if t.kind in PEER_TARGETS}
+        )
+        status = ensure_peers(names, install=not self.args.no_install, say=self.say)
+        for w in list(self.workloads):
+            need = WORKLOAD_NEEDS[w]
+            if not status.available.get(need):
+                self.skipped[w] = f"needs {need}: {status.reasons.get(need, 'missing')}"
+                self.say(f"workload {w}: SKIPPED: {self.skipped[w]}")
+                self.workloads.remove(w)
+        return status
+
+    def start_targets(self, status: PeerStatus) -> list[Target]:
+        """Start each target once (memory uses fresh ones); a failure skips it with its reason."""
+        for t in self.wanted_targets:
+            if t.kind in PEER_TARGETS and not status.available.get(t.kind):
+                self.skipped[t.name] = status.reasons.get(t.kind, "missing")
+                continue
+            try:
+                if t.kind == "tcpproxy":
+                    assert t.engine is not None
+                    setting, note = tcpproxy_engine_setting(t.engine, self.backends, self.workdir)
+                    self.engine_settings[t.name] = setting
+                    if note:
+                        self.note(note)
+                self.running[t.name] = self.start(t)
+            except StartError as exc:
+                self.skipped[t.name] = str(exc)
+                self.say(f"{t.name}: SKIPPED: {exc}")
+                continue
+            ports = ", ".join(f"{k} :{v}" for k, v in self.running[t.name].ports.items())
+            self.say(f"{t.name}: ready ({ports})")
+        return [t for t in self.wanted_targets if t.name in self.running]
+
+    def start(self, t: Target) -> Running:
+        return start(t, self.procs, self.backends, self.workdir, self.engine_settings.get(t.name))
+
+    # --- measuring --------------------------------------------------------------------------
+
+    def measure(self, w: str, t: Target) -> workloads.Measured:
+        r = self.running[t.name]
+        if r.server is not None and r.server.proc.poll() is not None:
+            raise WorkloadError(f"{t.name} has exited: {r.server.log_tail()}")
+        if w == "bulk":
+            return workloads.bulk(r, self.params)
+        if w == "rr":
+            return workloads.request_response(r, self.params)
+        if w == "conn":
+            return workloads.new_connections(r, self.params)
+        if w == "latency":
+            return workloads.latency(r, self.params)
+        return workloads.idle_memory(lambda: self.start(t), self.idle_count)
+
+    def revive(self, t: Target) -> None:
+        """Restart a target whose process died, so one crash does not void the rest."""
+        r = self.running[t.name]
+        if r.server is None or r.server.proc.poll() is None:
+            return
+        self.say(f"{t.name}: exited (code {r.server.proc.returncode}), restarting it")
+        try:
+            self.running[t.name] = self.start(t)
+        except StartError as exc:
+            self.say(f"{t.name}: restart failed: {exc}")
+
+    def run_rounds(self, targets: list[Target]) -> None:
+        rounds = self.params.rounds
+        self.progress.total = rounds * sum(
+            sum(1 for t in targets if not (w == "memory" and t.kind == "direct"))
+            for w in self.workloads
+        )
+        for rnd in range(rounds):
+            shift = rnd % len(targets) if targets else 0
+            order = targets[shift:] + targets[:shift]
+            for w in self.workloads:
+                round_latency: dict[str, dict[str, float]] = {}
+                for t in order:
+                    if w == "memory" and t.kind == "direct":
+                        self.samples.add("idle_kib_per_conn", t.name, None)
+                        continue
+                    got = self.one(w, t, f"round {rnd + 1}/{rounds} {w:<8} {t.name:<14}")
+                    if w == "latency" and got is not None:
+                        round_latency[t.name] = {k: v for k, v in got.items() if v is not None}
+                if w == "latency":
+                    report.add_derived(self.samples, round_latency)
+
+    def one(self, w: str, t: Target, label: str) -> workloads.Metrics | None:
+        server = self.running[t.name].server
+        cpu0 = server.cpu_seconds() if server is not None else 0.0
+        try:
+            got, work = self.measure(w, t)
+        except MEASURE_ERRORS as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.samples.fail(WORKLOAD_METRICS[w], t.name, msg)
+            self.progress.step(f"{label} FAILED: {msg}")
+            self.revive(t)
+            return None
+        if w in report.CPU_METRICS and server is not None and work > 0:
+            key, scale = report.CPU_METRICS[w]
+            got[key] = (server.cpu_seconds() - cpu0) * scale / work
+        for key, value in got.items():
+            self.samples.add(key, t.name, value)
+        brief = ", ".join(f"{k} {v:.4g}" for k, v in got.items() if v is not None)
+        self.progress.step(f"{label} {brief}")
+        return got
+
+    # --- the whole run ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        raise_nofile()
+        status = self.ensure_peers()
+        machine = machine_info()
+        versions = peer_versions(status)
+        self.say(report.header_text(machine, versions).replace("\n", "; "))
+        if "memory" in self.workloads and self.idle_count < self.params.idle_conns:
+            self.note(
+                f"memory: {self.idle_count} idle connections instead of "
+                f"{self.params.idle_conns}: the RLIMIT_NOFILE hard limit is "
+                f"{machine['nofile_limit']} and a proxy needs 2 fds per connection"
+            )
+        if self.workloads:
+            self.backends = workloads.start_backends(self.procs, self.workdir)
+            self.say(
+                f"backends: redis-server on :{self.backends['redis']}, "
+                f"iperf3 -s on :{self.backends['iperf3']}"
+            )
+        targets = self.start_targets(status)
+        names = [t.name for t in targets]
+        self.run_rounds(targets)
+
+        metrics = report.summarize(self.samples, names, self.workloads)
+        checks = report.evaluate_checks(metrics, names)
+        doc: dict[str, Any] = {
+            "schema": report.SCHEMA,
+            "mode": "quick" if self.args.quick else "full",
+            "started_at": started_at,
+            "duration_s": round(time.monotonic() - self.progress.t0, 1),
+            "command": " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]]),
+            "machine": machine,
+            "versions": versions,
+            "tcpproxy_commit": _git_commit(),
+            "params": {**self.params.to_json(), "idle_conns": self.idle_count},
+            "targets": names,
+            "workloads": self.workloads,
+            "skipped": self.skipped,
+            "notes": self.notes,
+            "metrics": metrics,
+            "checks": checks,
+        }
+        self.print_report(doc, [t.name for t in targets if t.kind != "direct"])
+        stem = "quick" if self.args.quick else "latest"
+        json_path: Path = self.args.json or RESULTS / f"{stem}.json"
+        png_path: Path = self.args.png or RESULTS / f"{stem}.png"
+        report.write_json(json_path, doc)
+        try:
+            report.write_png(png_path, doc)
+        except ImportError:
+            self.say("matplotlib is not installed: no PNG (pip install -e '.[bench]')")
+        print(f"\nwrote {json_path} and {png_path} in {doc['duration_s']:.0f}s")
+        return 0
+
+    def print_report(self, doc: dict[str, Any], proxies: list[str]) -> None:
+        print()
+        print(report.header_text(doc["machine"], doc["versions"]))
+        print(
+            f"mode: {doc['mode']}, {self.params.rounds} round(s); "
+            "median over rounds (ratio to HAProxy)"
+        )
+        print()
+        print(report.table(doc["metrics"], doc["targets"]))
+        cpu_table = report.table(doc["metrics"], proxies, diagnostic=True)
+        if cpu_table:
+            print("\nproxy CPU time (user + system) per unit of work, diagnostic:")
+            print(cpu_table)
+        for text in doc["notes"]:
+            print(f"note: {text}")
+        for name, why in doc["skipped"].items():
+            print(f"skipped {name}: {why}")
+        if doc["checks"]:
+            print("\ntargets (issue 6; 2-core machine, ratios from this run):")
+            print(report.checks_text(doc["checks"]))
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    with tempfile.TemporaryDirectory(prefix="tcpbench-") as tmp:
+        procs = Processes(Path(tmp))
+        bench = Bench(args, procs, Path(tmp))
+        try:
+            return bench.run()
+        except KeyboardInterrupt:
+            bench.say("interrupted: stopping every server and client")
+            return 130
+        finally:
+            procs.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Helpers for benchmarks/bench.py: peers, processes, targets, workloads, report."""
