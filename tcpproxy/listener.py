@@ -31,6 +31,11 @@ DRAIN_CLOSE_STEPS = 10
 IDLE_SWEEP_MAX_S = 10.0
 
 
+def _time_out(task: asyncio.Task[None], conn: ClientSide) -> None:
+    conn.connect_timed_out = True
+    task.cancel()
+
+
 def classify_connect_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
@@ -68,6 +73,8 @@ class Listener:
             for reason in ("no_backend", "max_connections", "connect_failed")
         }
         self._on_retired_empty = on_retired_empty
+        # Read once: the access log is on or off for the life of the process.
+        self._log_access = access_log.isEnabledFor(logging.INFO)
 
     # -- lifecycle --
 
@@ -185,8 +192,9 @@ class Listener:
         idle = self.config.idle_timeout
         expired = []
         for conn in self.live_connections():
-            if conn.seen:
-                conn.seen = False
+            mark = conn.bytes_up + conn.bytes_down + conn.pending_bytes
+            if mark != conn.idle_mark:
+                conn.idle_mark = mark
                 conn.idle_since = now
             elif now - conn.idle_since >= idle:
                 expired.append(conn)
@@ -215,7 +223,8 @@ class Listener:
             self._reject(conn, "no_backend")
             return
         self.connecting.add(conn)
-        conn.peer = conn.transport.get_extra_info("peername")
+        if self._log_access:
+            conn.peer = conn.transport.get_extra_info("peername")
         conn.connect_task = self.loop.create_task(self._connect(conn, backend))
 
     def _reject(self, conn: ClientSide, reason: str) -> None:
@@ -226,31 +235,48 @@ class Listener:
         tried: list[Backend] = []
         timeout = self.config.connect_timeout
         candidate: Backend | None = backend
+        task = asyncio.current_task()
+        assert task is not None
         while candidate is not None and len(tried) < MAX_CONNECT_ATTEMPTS:
             target = candidate
+            # A timer that cancels the task is cheaper per connection than asyncio.timeout().
+            timer = self.loop.call_later(timeout, _time_out, task, conn)
             try:
-                async with asyncio.timeout(timeout):
-                    await self.loop.create_connection(
-                        partial(UpstreamSide, conn, target), target.host, target.port
-                    )
-            except (OSError, TimeoutError) as exc:
-                reason = classify_connect_error(exc)
-                target.connect_failures[reason] += 1
-                log.warning(
-                    "connect to %s/%s (%s) failed: %s",
-                    self.name,
-                    target.name,
-                    target.address,
-                    reason,
-                    extra={"listener": self.name, "backend": target.name, "reason": reason},
+                await self.loop.create_connection(
+                    partial(UpstreamSide, conn, target), target.host, target.port
                 )
+            except asyncio.CancelledError:
+                timer.cancel()
+                if not conn.connect_timed_out:
+                    raise  # the client went away
+                conn.connect_timed_out = False
+                task.uncancel()
+                self._connect_failed(target, "timeout")
                 tried.append(target)
                 candidate = self.pick(tried)
                 continue
+            except OSError as exc:
+                timer.cancel()
+                self._connect_failed(target, classify_connect_error(exc))
+                tried.append(target)
+                candidate = self.pick(tried)
+                continue
+            timer.cancel()
             return
         conn.connect_task = None
         self._rejected["connect_failed"].inc()
         conn.shut(relay.CONNECT_FAILED)
+
+    def _connect_failed(self, target: Backend, reason: str) -> None:
+        target.connect_failures[reason] += 1
+        log.warning(
+            "connect to %s/%s (%s) failed: %s",
+            self.name,
+            target.name,
+            target.address,
+            reason,
+            extra={"listener": self.name, "backend": target.name, "reason": reason},
+        )
 
     def connection_established(self, conn: ClientSide) -> None:
         backend = conn.backend
@@ -273,10 +299,10 @@ class Listener:
                 self._forget_if_drained(backend)
         if self.open_connections == 0:
             self.on_empty.set()
-        if access_log.isEnabledFor(logging.INFO):
-            self._log_access(conn)
+        if self._log_access:
+            self._write_access_log(conn)
 
-    def _log_access(self, conn: ClientSide) -> None:
+    def _write_access_log(self, conn: ClientSide) -> None:
         backend = conn.backend
         peer = conn.peer
         client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)

@@ -64,6 +64,8 @@ class ClientSide(asyncio.Protocol):
         "client_eof",
         "closed",
         "connect_task",
+        "connect_timed_out",
+        "idle_mark",
         "idle_since",
         "opened_at",
         "owner",
@@ -71,7 +73,6 @@ class ClientSide(asyncio.Protocol):
         "pending",
         "pending_bytes",
         "reason",
-        "seen",
         "transport",
         "upstream",
         "upstream_eof",
@@ -85,9 +86,12 @@ class ClientSide(asyncio.Protocol):
         self.pending: list[bytes] | None = None
         self.pending_bytes = 0
         self.connect_task: asyncio.Task[None] | None = None
+        self.connect_timed_out = False
         self.bytes_up = 0
         self.bytes_down = 0
-        self.seen = True
+        # Idle detection compares byte counts between sweeps (see Listener._sweep_idle), so
+        # the data path pays nothing for it.
+        self.idle_mark = -1
         self.idle_since = 0.0
         self.opened_at = 0.0
         self.peer: object = None
@@ -105,7 +109,6 @@ class ClientSide(asyncio.Protocol):
         self.owner.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
-        self.seen = True
         upstream = self.upstream
         if upstream is not None:
             upstream.write(data)
@@ -173,11 +176,6 @@ class ClientSide(asyncio.Protocol):
             self.reason = CLIENT_CLOSED
             upstream.write_eof()
 
-    def upstream_data(self, data: bytes) -> None:
-        self.seen = True
-        self.transport.write(data)
-        self.bytes_down += len(data)
-
     def upstream_eof_received(self) -> None:
         self.upstream_eof = True
         self.reason = self.reason or BACKEND_CLOSED
@@ -234,7 +232,10 @@ class UpstreamSide(asyncio.Protocol):
         self.conn.attach(self.backend, cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
-        self.conn.upstream_data(data)
+        # The hot path: inlined rather than a call into ClientSide.
+        conn = self.conn
+        conn.transport.write(data)
+        conn.bytes_down += len(data)
 
     def eof_received(self) -> bool:
         self.conn.upstream_eof_received()
