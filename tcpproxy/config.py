@@ -116,6 +116,25 @@ class BackendConfig(_Model):
         return split_host_port(self.address)[1]
 
 
+class HealthCheckConfig(_Model):
+    """Active checks: connect (and optionally send/expect) to every backend each interval."""
+
+    interval: Annotated[Duration, Field(gt=0)] = 5.0
+    timeout: Annotated[Duration, Field(gt=0)] = 1.0
+    healthy_threshold: StrictInt = Field(default=2, ge=1)
+    unhealthy_threshold: StrictInt = Field(default=3, ge=1)
+    send: str | None = None  # sent after connecting, e.g. "PING\r\n"
+    expect: str | None = None  # the reply must start with this
+
+
+class EjectionConfig(_Model):
+    """Passive health: after `consecutive_failures` failed connects, no new connections for
+    `duration`, then the backend is tried again."""
+
+    consecutive_failures: StrictInt = Field(default=5, ge=1)
+    duration: Annotated[Duration, Field(gt=0)] = 30.0
+
+
 class ListenerConfig(_Model):
     name: Name
     bind: Address
@@ -126,6 +145,8 @@ class ListenerConfig(_Model):
     idle_timeout: Duration = DEFAULT_IDLE_TIMEOUT_S
     max_connections: StrictInt = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1)
     engine: Literal["copy"] = "copy"
+    health_check: HealthCheckConfig | None = None
+    ejection: EjectionConfig | None = EjectionConfig()
 
     # An "after" validator runs only when every backend is valid, so a bad backend is
     # reported once rather than also as "too few backends" (as Field(min_length) would).

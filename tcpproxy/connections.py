@@ -32,6 +32,8 @@ class Backend:
         "drain_closed",
         "drain_deadline",
         "drain_handle",
+        "ejected",
+        "failure_streak",
         "healthy",
         "host",
         "key",
@@ -49,7 +51,10 @@ class Backend:
         self.host, self.port = split_host_port(config.address)
         self.key: BackendKey = (listener, config.name, config.address)
         self.weight = config.weight
+        # Active checks set `healthy`; passive ejection sets `ejected` for a while.
         self.healthy = True
+        self.ejected = False
+        self.failure_streak = 0  # consecutive failed connects, for ejection
         # Wall-clock (loop.time()) deadline while draining, else None.
         self.drain_deadline: float | None = None
         self.drain_handle: asyncio.TimerHandle | None = None
@@ -68,12 +73,16 @@ class Backend:
     def state(self) -> str:
         if self.draining:
             return DRAINING
-        if not self.healthy:
+        if not self.up:
             return UNHEALTHY
         return ZERO if self.weight == 0 else ACTIVE
 
+    @property
+    def up(self) -> bool:
+        return self.healthy and not self.ejected
+
     def eligible(self) -> bool:
-        return self.drain_deadline is None and self.healthy
+        return self.drain_deadline is None and self.healthy and not self.ejected
 
     def bytes_up(self) -> int:
         return self.bytes_up_closed + sum(c.bytes_up for c in self.connections)

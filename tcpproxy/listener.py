@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING
 
-from tcpproxy import relay
+from tcpproxy import health, relay
 from tcpproxy.balancer import SmoothWeightedRoundRobin
-from tcpproxy.config import ListenerConfig, split_host_port
+from tcpproxy.config import HealthCheckConfig, ListenerConfig, split_host_port
 from tcpproxy.connections import Backend
 from tcpproxy.relay import ClientSide, UpstreamSide
 from tcpproxy.table import BackendKey, ListenerPlan, backend_key
@@ -29,6 +31,8 @@ LISTEN_BACKLOG = 4096
 DRAIN_CLOSE_WINDOW_S = 1.0
 DRAIN_CLOSE_STEPS = 10
 IDLE_SWEEP_MAX_S = 10.0
+LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCE_LOG_INTERVAL_S = 5.0  # at most one "out of file descriptors" line this often
 
 
 def _time_out(task: asyncio.Task[None], conn: ClientSide) -> None:
@@ -68,6 +72,8 @@ class Listener:
         self.retired = False  # removed from the config; lives on while connections drain
         self.on_empty: asyncio.Event = asyncio.Event()
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._checker: health.HealthChecker | None = None
+        self._last_exhausted_log = -RESOURCE_LOG_INTERVAL_S
         self._rejected = {
             reason: metrics.rejected.labels(self.name, reason)
             for reason in ("no_backend", "max_connections", "connect_failed")
@@ -127,6 +133,17 @@ class Listener:
             ordered.append(backend)
         self.balancer = SmoothWeightedRoundRobin([(b, b.weight) for b in ordered])
         self._schedule_idle_sweep()
+        self._configure_health_checks(None if self.retired else plan.config.health_check)
+
+    def _configure_health_checks(self, check: HealthCheckConfig | None) -> None:
+        current = self._checker.check if self._checker is not None else None
+        if check == current:
+            return
+        if self._checker is not None:
+            self._checker.stop()
+            self._checker = None
+        if check is not None:
+            self._checker = health.HealthChecker(self.name, check, self.backends.values)
 
     def _start_draining(self, backend: Backend, now: float) -> None:
         deadline = now + self.config.drain_timeout
@@ -206,6 +223,7 @@ class Listener:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+        self._configure_health_checks(None)
 
     # -- connections (relay.Owner) --
 
@@ -257,6 +275,11 @@ class Listener:
                 continue
             except OSError as exc:
                 timer.cancel()
+                if exc.errno in LOCAL_RESOURCE_ERRNOS:
+                    # Out of file descriptors or memory here: not the backend's fault, so no
+                    # failure is held against it, and another backend would fail the same way.
+                    self._resource_exhausted(exc)
+                    break
                 self._connect_failed(target, classify_connect_error(exc))
                 tried.append(target)
                 candidate = self.pick(tried)
@@ -267,8 +290,21 @@ class Listener:
         self._rejected["connect_failed"].inc()
         conn.shut(relay.CONNECT_FAILED)
 
+    def _resource_exhausted(self, exc: OSError) -> None:
+        now = self.loop.time()
+        if now - self._last_exhausted_log >= RESOURCE_LOG_INTERVAL_S:
+            self._last_exhausted_log = now
+            log.error(
+                "%s: cannot open a backend connection: %s (raise the open files limit, "
+                "or lower max_connections)",
+                self.name,
+                os.strerror(exc.errno or 0),
+                extra={"listener": self.name, "reason": "resources"},
+            )
+
     def _connect_failed(self, target: Backend, reason: str) -> None:
         target.connect_failures[reason] += 1
+        health.connect_failed(self.name, target, self.config.ejection, self.loop)
         log.warning(
             "connect to %s/%s (%s) failed: %s",
             self.name,
@@ -285,6 +321,7 @@ class Listener:
         conn.connect_task = None
         backend.connections.add(conn)
         backend.total += 1
+        backend.failure_streak = 0
 
     def connection_closed(self, conn: ClientSide) -> None:
         self.open_connections -= 1

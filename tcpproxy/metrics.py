@@ -84,7 +84,7 @@ class _BackendCollector(Collector):
             drained.add_metric(labels, sum(b.drain_closed for b in same))
             weight.add_metric(labels, configured[0].weight if configured else 0)
             draining.add_metric(labels, 0 if configured else 1)
-            up.add_metric(labels, 1 if all(b.healthy for b in same) else 0)
+            up.add_metric(labels, 1 if all(b.up for b in same) else 0)
         yield from (total, active, traffic, failures, drained, weight, draining, up)
 
 

@@ -60,7 +60,10 @@ def test_refusing_backend_is_retried_on_the_other_and_counted(
     )
     assert reached(port, 40) == {"v1": 40}
     failures = running.backend_stat("w", "dead", "connect_failures")
-    assert failures["refused"] == 20  # every second pick went to it first
+    # Every second pick went to it first, until 5 failures in a row ejected it (the default).
+    assert failures["refused"] == 5
+    assert running.backend_stat("w", "dead", "state") == "unhealthy"
+    assert running.metric("tcpproxy_backend_up", listener="w", backend="dead") == 0
     assert running.backend_stat("w", "v1", "total") == 40
 
 

@@ -1,0 +1,105 @@
+"""Backend health over real sockets: passive ejection and active checks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from tests.harness import (
+    Backends,
+    Client,
+    RunningProxy,
+    config_yaml,
+    free_port,
+    listener_yaml,
+    wait_until,
+)
+
+
+def reached(port: int, n: int) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(n):
+        client = Client(port)
+        seen[client.greeting()] += 1
+        client.close()
+    return seen
+
+
+def with_block(listener: str, block: str) -> str:
+    return listener + "".join(f"    {line}\n" for line in block.strip("\n").splitlines())
+
+
+def test_passive_ejection_then_the_backend_is_tried_again(
+    backends: Backends, start_proxy: Callable[[str], RunningProxy]
+) -> None:
+    v1 = backends.start("v1")
+    dead_port = free_port()
+    port = free_port()
+    listener = listener_yaml("w", port, {"v2": (f"127.0.0.1:{dead_port}", 1), "v1": (v1, 1)})
+    running = start_proxy(
+        config_yaml(with_block(listener, "ejection:\n  consecutive_failures: 2\n  duration: 1s"))
+    )
+    assert reached(port, 10) == {"v1": 10}
+
+    def refused() -> int:
+        return int(running.backend_stat("w", "v2", "connect_failures")["refused"])
+
+    assert refused() == 2  # then ejected: no more attempts while ejected
+    assert running.backend_stat("w", "v2", "state") == "unhealthy"
+    # It comes back in the rotation after the ejection; it is up now, so traffic returns.
+    backends.start("v2", port=dead_port)
+    wait_until(lambda: running.backend_stat("w", "v2", "state") == "active", what="readmitted")
+    assert reached(port, 4) == {"v1": 2, "v2": 2}
+    assert refused() == 2
+
+
+def test_active_checks_take_a_dead_backend_out_and_bring_it_back(
+    backends: Backends, start_proxy: Callable[[str], RunningProxy]
+) -> None:
+    v1 = backends.start("v1")
+    v2_port = free_port()
+    port = free_port()
+    listener = listener_yaml("w", port, {"v1": (v1, 1), "v2": (f"127.0.0.1:{v2_port}", 1)})
+    check = """
+health_check:
+  interval: 50ms
+  timeout: 500ms
+  healthy_threshold: 2
+  unhealthy_threshold: 2
+  expect: "hello from v"
+"""
+    running = start_proxy(config_yaml(with_block(listener, check)))
+    wait_until(lambda: running.backend_stat("w", "v2", "state") == "unhealthy", what="marked down")
+    assert running.metric("tcpproxy_backend_up", listener="w", backend="v2") == 0
+    assert reached(port, 6) == {"v1": 6}
+    # No client paid for finding out: v2 was never tried for a client connection.
+    assert sum(running.backend_stat("w", "v2", "connect_failures").values()) == 0
+    backends.start("v2", port=v2_port)
+    wait_until(lambda: running.backend_stat("w", "v2", "state") == "active", what="back up")
+    assert running.metric("tcpproxy_backend_up", listener="w", backend="v2") == 1
+    assert reached(port, 6) == {"v1": 3, "v2": 3}
+
+
+def test_unhealthy_backend_keeps_its_pinned_connections(
+    backends: Backends, start_proxy: Callable[[str], RunningProxy]
+) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    listener = listener_yaml("w", port, {"v1": (v1, 1), "v2": (v2, 1)})
+    running = start_proxy(config_yaml(listener))
+    pinned = [Client(port), Client(port)]
+    assert sorted(c.greeting() for c in pinned) == ["v1", "v2"]
+    # A check v2 fails (wrong greeting expected): it goes down for new connections only.
+    strict = """
+health_check:
+  interval: 50ms
+  unhealthy_threshold: 1
+  expect: "hello from v1"
+"""
+    running.write_config(config_yaml(with_block(listener, strict)))
+    assert running.reload().result == "success"
+    wait_until(lambda: running.backend_stat("w", "v2", "state") == "unhealthy", what="v2 down")
+    assert reached(port, 4) == {"v1": 4}
+    for c in pinned:
+        assert c.echo(b"still pinned\n") == b"still pinned\n"
+        c.close()
