@@ -135,6 +135,13 @@ class EjectionConfig(_Model):
     duration: Annotated[Duration, Field(gt=0)] = 30.0
 
 
+class ProxyProtocolConfig(_Model):
+    # Send a PROXY header of this version to backends, so they see the client's address.
+    send: Literal["v1", "v2"] | None = None
+    # Require a PROXY header (v1 or v2) from every client: a load balancer in front sends it.
+    accept: bool = False
+
+
 class ListenerConfig(_Model):
     name: Name
     bind: Address
@@ -146,6 +153,7 @@ class ListenerConfig(_Model):
     max_connections: StrictInt = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1)
     engine: Literal["copy"] = "copy"
     health_check: HealthCheckConfig | None = None
+    proxy_protocol: ProxyProtocolConfig | None = None
     ejection: EjectionConfig | None = EjectionConfig()
 
     # An "after" validator runs only when every backend is valid, so a bad backend is

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING
 
-from tcpproxy import health, relay
+from tcpproxy import health, proxy_protocol, relay
 from tcpproxy.balancer import SmoothWeightedRoundRobin
 from tcpproxy.config import HealthCheckConfig, ListenerConfig, split_host_port
 from tcpproxy.connections import Backend
@@ -76,7 +76,7 @@ class Listener:
         self._last_exhausted_log = -RESOURCE_LOG_INTERVAL_S
         self._rejected = {
             reason: metrics.rejected.labels(self.name, reason)
-            for reason in ("no_backend", "max_connections", "connect_failed")
+            for reason in ("no_backend", "max_connections", "connect_failed", "proxy_protocol")
         }
         self._on_retired_empty = on_retired_empty
         # Read once: the access log is on or off for the life of the process.
@@ -236,14 +236,52 @@ class Listener:
         if self.open_connections > self.config.max_connections:
             self._reject(conn, "max_connections")
             return
+        pp = self.config.proxy_protocol
+        if pp is not None and pp.accept:
+            # Nothing is connected until the client's PROXY header is in, within the connect
+            # timeout: a client that never sends one cannot hold a backend connection.
+            conn.awaiting_header = True
+            self.connecting.add(conn)
+            conn.connect_task = self.loop.create_task(self._await_header(conn))
+            return
+        if self._log_access or (pp is not None and pp.send):
+            conn.peer = conn.transport.get_extra_info("peername")
+        self._start_connect(conn)
+
+    def _start_connect(self, conn: ClientSide) -> None:
         backend = self.pick()
         if backend is None:
             self._reject(conn, "no_backend")
             return
         self.connecting.add(conn)
-        if self._log_access:
-            conn.peer = conn.transport.get_extra_info("peername")
         conn.connect_task = self.loop.create_task(self._connect(conn, backend))
+
+    async def _await_header(self, conn: ClientSide) -> None:
+        await asyncio.sleep(self.config.connect_timeout)
+        conn.connect_task = None
+        self._reject(conn, "proxy_protocol")
+
+    def header_received(self, conn: ClientSide) -> None:
+        data = b"".join(conn.pending or ())
+        try:
+            header = proxy_protocol.parse(data)
+        except proxy_protocol.ProxyProtocolError as exc:
+            log.info("%s: closing a client: %s", self.name, exc, extra={"listener": self.name})
+            self._reject(conn, "proxy_protocol")
+            return
+        if header is None:
+            return
+        conn.awaiting_header = False
+        if conn.connect_task is not None:
+            conn.connect_task.cancel()
+            conn.connect_task = None
+        self.connecting.discard(conn)
+        rest = data[header.length :]
+        conn.pending = [rest] if rest else None
+        conn.pending_bytes = len(rest)
+        conn.peer = header.source or conn.transport.get_extra_info("peername")
+        conn.local = header.destination
+        self._start_connect(conn)
 
     def _reject(self, conn: ClientSide, reason: str) -> None:
         self._rejected[reason].inc()
@@ -322,6 +360,13 @@ class Listener:
         backend.connections.add(conn)
         backend.total += 1
         backend.failure_streak = 0
+        pp = self.config.proxy_protocol
+        if pp is not None and pp.send and conn.upstream is not None:
+            # Before any client byte (attach flushes the client's early bytes after this).
+            peer = conn.peer
+            local = conn.local or conn.transport.get_extra_info("sockname")
+            if isinstance(peer, tuple) and isinstance(local, tuple):
+                conn.upstream.write(proxy_protocol.build(pp.send, peer[:2], local[:2]))
 
     def connection_closed(self, conn: ClientSide) -> None:
         self.open_connections -= 1

@@ -42,6 +42,7 @@ class Owner(Protocol):
 
     def connection_opened(self, conn: ClientSide) -> None: ...
     def connection_established(self, conn: ClientSide) -> None: ...
+    def header_received(self, conn: ClientSide) -> None: ...
     def connection_closed(self, conn: ClientSide) -> None: ...
 
 
@@ -58,6 +59,7 @@ class ClientSide(asyncio.Protocol):
     """The accepted connection; also the record of the proxied connection as a whole."""
 
     __slots__ = (
+        "awaiting_header",
         "backend",
         "bytes_down",
         "bytes_up",
@@ -67,6 +69,7 @@ class ClientSide(asyncio.Protocol):
         "connect_timed_out",
         "idle_mark",
         "idle_since",
+        "local",
         "opened_at",
         "owner",
         "peer",
@@ -87,6 +90,8 @@ class ClientSide(asyncio.Protocol):
         self.pending_bytes = 0
         self.connect_task: asyncio.Task[None] | None = None
         self.connect_timed_out = False
+        # True while a required PROXY protocol header has not fully arrived.
+        self.awaiting_header = False
         self.bytes_up = 0
         self.bytes_down = 0
         # Idle detection compares byte counts between sweeps (see Listener._sweep_idle), so
@@ -95,6 +100,7 @@ class ClientSide(asyncio.Protocol):
         self.idle_since = 0.0
         self.opened_at = 0.0
         self.peer: object = None
+        self.local: object = None  # the address the client reached, from a PROXY header
         self.reason: str | None = None
         self.client_eof = False
         self.upstream_eof = False
@@ -120,6 +126,8 @@ class ClientSide(asyncio.Protocol):
         self.pending_bytes += len(data)
         if self.pending_bytes >= PRECONNECT_BUFFER_BYTES:
             self.transport.pause_reading()
+        if self.awaiting_header:
+            self.owner.header_received(self)
 
     def eof_received(self) -> bool:
         self.client_eof = True
