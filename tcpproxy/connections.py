@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from typing import TYPE_CHECKING
 
 from tcpproxy.config import BackendConfig, split_host_port
@@ -17,6 +18,14 @@ DRAINING = "draining"
 UNHEALTHY = "unhealthy"
 
 CONNECT_FAILURE_REASONS = ("refused", "timeout", "dns", "other")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class Backend:
@@ -38,6 +47,7 @@ class Backend:
         "host",
         "key",
         "listener",
+        "literal",
         "name",
         "port",
         "total",
@@ -49,6 +59,7 @@ class Backend:
         self.name = config.name
         self.address = config.address
         self.host, self.port = split_host_port(config.address)
+        self.literal = _is_ip(self.host)  # else a name, resolved at connect time
         self.key: BackendKey = (listener, config.name, config.address)
         self.weight = config.weight
         # Active checks set `healthy`; passive ejection sets `ejected` for a while.

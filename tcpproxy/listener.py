@@ -16,6 +16,7 @@ from tcpproxy.balancer import SmoothWeightedRoundRobin
 from tcpproxy.config import HealthCheckConfig, ListenerConfig, split_host_port
 from tcpproxy.connections import Backend
 from tcpproxy.relay import ClientSide, UpstreamSide
+from tcpproxy.resolver import Resolver
 from tcpproxy.table import BackendKey, ListenerPlan, backend_key
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class Listener:
         self.on_empty: asyncio.Event = asyncio.Event()
         self._idle_handle: asyncio.TimerHandle | None = None
         self._checker: health.HealthChecker | None = None
+        self.resolver = Resolver(self.loop.getaddrinfo, self.loop.time)
         self._last_exhausted_log = -RESOURCE_LOG_INTERVAL_S
         self._rejected = {
             reason: metrics.rejected.labels(self.name, reason)
@@ -298,8 +300,11 @@ class Listener:
             # A timer that cancels the task is cheaper per connection than asyncio.timeout().
             timer = self.loop.call_later(timeout, _time_out, task, conn)
             try:
+                host = target.host
+                if not target.literal:
+                    host = await self.resolver.next_address(host, target.port)
                 await self.loop.create_connection(
-                    partial(UpstreamSide, conn, target), target.host, target.port
+                    partial(UpstreamSide, conn, target), host, target.port
                 )
             except asyncio.CancelledError:
                 timer.cancel()

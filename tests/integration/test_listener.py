@@ -201,3 +201,14 @@ def test_idle_timeout_closes_silent_connections_only(
     silent.close()
     chatty.close()
     wait_until(lambda: running.state(lambda p: p.open_connections) == 0)
+
+
+def test_backend_given_by_host_name_is_resolved_at_connect_time(
+    backends: Backends, start_proxy: Callable[[str], RunningProxy]
+) -> None:
+    v1 = backends.start("v1")
+    port = free_port()
+    by_name = v1.replace("127.0.0.1", "localhost")
+    running = start_proxy(config_yaml(listener_yaml("w", port, {"v1": (by_name, 1)})))
+    assert reached(port, 3) == {"v1": 3}
+    assert running.backend_stat("w", "v1", "literal") is False
