@@ -151,7 +151,9 @@ class ListenerConfig(_Model):
     # 0 disables the idle timeout.
     idle_timeout: Duration = DEFAULT_IDLE_TIMEOUT_S
     max_connections: StrictInt = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1)
-    engine: Literal["copy"] = "copy"
+    # copy: asyncio Protocols (bytes pass through Python); splice: kernel-side os.splice.
+    # Fixed for a listener's life: a change applies when its bind changes or on restart.
+    engine: Literal["copy", "splice"] = "copy"
     health_check: HealthCheckConfig | None = None
     proxy_protocol: ProxyProtocolConfig | None = None
     ejection: EjectionConfig | None = EjectionConfig()

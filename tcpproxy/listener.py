@@ -8,15 +8,15 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
-from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tcpproxy import health, proxy_protocol, relay
 from tcpproxy.balancer import SmoothWeightedRoundRobin
 from tcpproxy.config import HealthCheckConfig, ListenerConfig, split_host_port
 from tcpproxy.connections import Backend
-from tcpproxy.relay import ClientSide, UpstreamSide
+from tcpproxy.relay import ClientSide
 from tcpproxy.resolver import Resolver
+from tcpproxy.splice import SpliceServer
 from tcpproxy.table import BackendKey, ListenerPlan, backend_key
 
 if TYPE_CHECKING:
@@ -34,6 +34,13 @@ DRAIN_CLOSE_STEPS = 10
 IDLE_SWEEP_MAX_S = 10.0
 LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 RESOURCE_LOG_INTERVAL_S = 5.0  # at most one "out of file descriptors" line this often
+
+
+class Server(Protocol):
+    """What a listener needs of its listening socket (asyncio's Server or SpliceServer)."""
+
+    def close(self) -> None: ...
+    async def start_serving(self) -> None: ...
 
 
 def _time_out(task: asyncio.Task[None], conn: ClientSide) -> None:
@@ -67,7 +74,7 @@ class Listener:
         self.backends: dict[BackendKey, Backend] = {}  # in the config now
         self.draining: dict[BackendKey, Backend] = {}  # removed, connections still open
         self.balancer: SmoothWeightedRoundRobin[Backend] = SmoothWeightedRoundRobin([])
-        self.server: asyncio.AbstractServer | None = None
+        self.server: Server | None = None
         self.connecting: set[ClientSide] = set()
         self.open_connections = 0
         self.retired = False  # removed from the config; lives on while connections drain
@@ -86,8 +93,10 @@ class Listener:
 
     # -- lifecycle --
 
-    async def bind(self, bind: str) -> asyncio.AbstractServer:
+    async def bind(self, bind: str) -> Server:
         host, port = split_host_port(bind)
+        if self.config.engine == "splice":
+            return SpliceServer(self, host, port, LISTEN_BACKLOG)
         return await self.loop.create_server(
             lambda: ClientSide(self),
             host,
@@ -97,7 +106,7 @@ class Listener:
             start_serving=False,
         )
 
-    def serve(self, server: asyncio.AbstractServer) -> None:
+    def serve(self, server: Server) -> None:
         """Accept on `server` from now on; a previous server (old bind) stops accepting."""
         if self.server is not None and self.server is not server:
             self.server.close()
@@ -303,9 +312,7 @@ class Listener:
                 host = target.host
                 if not target.literal:
                     host = await self.resolver.next_address(host, target.port)
-                await self.loop.create_connection(
-                    partial(UpstreamSide, conn, target), host, target.port
-                )
+                await conn.open_upstream(target, host, target.port)
             except asyncio.CancelledError:
                 timer.cancel()
                 if not conn.connect_timed_out:
@@ -371,7 +378,7 @@ class Listener:
             peer = conn.peer
             local = conn.local or conn.transport.get_extra_info("sockname")
             if isinstance(peer, tuple) and isinstance(local, tuple):
-                conn.upstream.write(proxy_protocol.build(pp.send, peer[:2], local[:2]))
+                conn.write_first(proxy_protocol.build(pp.send, peer[:2], local[:2]))
 
     def connection_closed(self, conn: ClientSide) -> None:
         self.open_connections -= 1

@@ -14,7 +14,7 @@ from pathlib import Path
 from tcpproxy import relay
 from tcpproxy.config import ConfigError, LoadedConfig, parse_config, read_config_bytes
 from tcpproxy.connections import Backend
-from tcpproxy.listener import Listener
+from tcpproxy.listener import Listener, Server
 from tcpproxy.metrics import DEFAULT_LINGER_S, Metrics
 from tcpproxy.table import ListenerPlan, Plan, Table, diff
 
@@ -164,7 +164,7 @@ class Proxy:
 
         # Bind every new address before changing anything, so that a bind failure leaves the
         # running config untouched.
-        staged: dict[str, tuple[Listener, asyncio.AbstractServer]] = {}
+        staged: dict[str, tuple[Listener, Server]] = {}
         index = {lst.name: i for i, lst in enumerate(loaded.config.listeners)}
         try:
             for lp in plan.listeners:
@@ -200,9 +200,7 @@ class Proxy:
             await server.start_serving()
         return plan
 
-    def _commit(
-        self, lp: ListenerPlan, staged: dict[str, tuple[Listener, asyncio.AbstractServer]]
-    ) -> None:
+    def _commit(self, lp: ListenerPlan, staged: dict[str, tuple[Listener, Server]]) -> None:
         name = lp.config.name
         if lp.kind == "removed":
             listener = self.listeners.pop(name)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from functools import partial
 from typing import TYPE_CHECKING, Protocol, cast
 
 if TYPE_CHECKING:
@@ -160,6 +161,21 @@ class ClientSide(asyncio.Protocol):
             self.upstream.resume_reading()
 
     # -- called by the listener and by UpstreamSide --
+
+    async def open_upstream(self, backend: Backend, host: str, port: int) -> None:
+        """Connect to the backend; attach() runs from the new transport's connection_made."""
+        loop = asyncio.get_running_loop()
+        await loop.create_connection(partial(UpstreamSide, self, backend), host, port)
+
+    def write_first(self, data: bytes) -> None:
+        """Bytes for the backend before any client byte (a PROXY header)."""
+        assert self.upstream is not None
+        self.upstream.write(data)
+
+    def buffered_bytes(self) -> int:
+        """Bytes held in user space for this connection (both write buffers, early bytes)."""
+        upstream = self.upstream.get_write_buffer_size() if self.upstream is not None else 0
+        return self.transport.get_write_buffer_size() + upstream + self.pending_bytes
 
     def attach(self, backend: Backend, upstream: asyncio.Transport) -> None:
         """The backend connection is up: flush what the client sent meanwhile, start relaying."""
