@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 PIPE_SIZE_BYTES = 1 << 20
 SPLICE_CHUNK_BYTES = 1 << 20
 PIPE_POOL_MAX = 64
+PUMP_ROUNDS = 4
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -239,17 +240,23 @@ class SpliceConnection:
             d.pipe = POOL.take()
         failing = d.src
         try:
-            if d.in_pipe == 0 and not d.eof:
-                n = os.splice(d.src.fileno(), d.pipe[1], SPLICE_CHUNK_BYTES, flags=_FLAGS)
-                if n == 0:
-                    d.eof = True
-                else:
-                    d.in_pipe = n
-            failing = d.dst
-            while d.in_pipe:
-                n = os.splice(d.pipe[0], d.dst.fileno(), d.in_pipe, flags=_FLAGS)
-                d.in_pipe -= n
-                self._count(d, n)
+            # Several rounds per wake-up: a socket often has more than one pipe's worth
+            # queued, and each wake-up costs an epoll round trip.
+            for _ in range(PUMP_ROUNDS):
+                if d.in_pipe == 0 and not d.eof:
+                    failing = d.src
+                    n = os.splice(d.src.fileno(), d.pipe[1], SPLICE_CHUNK_BYTES, flags=_FLAGS)
+                    if n == 0:
+                        d.eof = True
+                    else:
+                        d.in_pipe = n
+                failing = d.dst
+                while d.in_pipe:
+                    n = os.splice(d.pipe[0], d.dst.fileno(), d.in_pipe, flags=_FLAGS)
+                    d.in_pipe -= n
+                    self._count(d, n)
+                if d.eof:
+                    break
         except BlockingIOError:
             pass
         except OSError as exc:
