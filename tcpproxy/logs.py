@@ -12,6 +12,10 @@ _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "ta
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: `time` (RFC 3339, UTC), `severity`, `logger`, `message`,
+    then every field the call passed in `extra=` (the access log's listener, backend, client,
+    bytes_up, bytes_down, duration_s, end; a reload's sha256, result, trigger)."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -25,6 +29,9 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        # One object per line: json.dumps escapes the newlines of tracebacks and messages.
         return json.dumps(entry, default=str)
 
 

@@ -33,9 +33,40 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 DURATION_BUCKETS_S = (0.01, 0.1, 1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 
 
+Labels = tuple[str, str]  # (listener, backend)
+
+
+class _Carried:
+    """Counters of drained-away Backends whose (listener, name) is still in use by another
+    Backend (an address change). Added to that series so that its counters never go down."""
+
+    __slots__ = ("bytes_down", "bytes_up", "connect_failures", "drain_closed", "total")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.drain_closed = 0
+        self.connect_failures = dict.fromkeys(CONNECT_FAILURE_REASONS, 0)
+
+    def add(self, backend: Backend) -> None:
+        self.total += backend.total
+        self.bytes_up += backend.bytes_up()
+        self.bytes_down += backend.bytes_down()
+        self.drain_closed += backend.drain_closed
+        for reason, n in backend.connect_failures.items():
+            self.connect_failures[reason] += n
+
+
+_NOTHING_CARRIED = _Carried()
+
+
 class _BackendCollector(Collector):
-    def __init__(self, backends: Callable[[], Iterable[Backend]]) -> None:
+    def __init__(
+        self, backends: Callable[[], Iterable[Backend]], carried: dict[Labels, _Carried]
+    ) -> None:
         self._backends = backends
+        self._carried = carried
 
     def collect(self) -> Iterator[Metric]:
         lb = ["listener", "backend"]
@@ -67,21 +98,27 @@ class _BackendCollector(Collector):
         up = GaugeMetricFamily(PREFIX + "backend_up", "1 healthy, 0 ejected.", labels=lb)
         # Changing a backend's address makes a second Backend with the same labels while the
         # old one drains: report them as one series, never as duplicate samples.
-        groups: dict[tuple[str, str], list[Backend]] = {}
+        groups: dict[Labels, list[Backend]] = {}
         for b in self._backends():
             groups.setdefault((b.listener, b.name), []).append(b)
         for (listener, name), same in groups.items():
             labels = [listener, name]
             configured = [b for b in same if not b.draining]
-            total.add_metric(labels, sum(b.total for b in same))
+            old = self._carried.get((listener, name), _NOTHING_CARRIED)
+            total.add_metric(labels, old.total + sum(b.total for b in same))
             active.add_metric(labels, sum(len(b.connections) for b in same))
-            traffic.add_metric([*labels, "upstream"], sum(b.bytes_up() for b in same))
-            traffic.add_metric([*labels, "downstream"], sum(b.bytes_down() for b in same))
+            traffic.add_metric(
+                [*labels, "upstream"], old.bytes_up + sum(b.bytes_up() for b in same)
+            )
+            traffic.add_metric(
+                [*labels, "downstream"], old.bytes_down + sum(b.bytes_down() for b in same)
+            )
             for reason in CONNECT_FAILURE_REASONS:
                 failures.add_metric(
-                    [*labels, reason], sum(b.connect_failures[reason] for b in same)
+                    [*labels, reason],
+                    old.connect_failures[reason] + sum(b.connect_failures[reason] for b in same),
                 )
-            drained.add_metric(labels, sum(b.drain_closed for b in same))
+            drained.add_metric(labels, old.drain_closed + sum(b.drain_closed for b in same))
             weight.add_metric(labels, configured[0].weight if configured else 0)
             draining.add_metric(labels, 0 if configured else 1)
             up.add_metric(labels, 1 if all(b.up for b in same) else 0)
@@ -97,7 +134,8 @@ class Metrics:
         linger_s: float = DEFAULT_LINGER_S,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_BackendCollector(self._reported))
+        self._carried: dict[Labels, _Carried] = {}
+        self.registry.register(_BackendCollector(self._reported, self._carried))
         self.linger_s = linger_s
         # Drained-away backends, reported until their deadline (monotonic seconds).
         self._lingering: list[tuple[float, Backend]] = []
@@ -169,5 +207,10 @@ class Metrics:
         present.update((b.listener, b.name) for _, b in self._lingering)
         for backend in expired:
             key = (backend.listener, backend.name)
-            if key not in present and self._duration_children.pop(key, None) is not None:
+            if key in present:
+                # Its name lives on (an address change): keep its counts in the series.
+                self._carried.setdefault(key, _Carried()).add(backend)
+                continue
+            self._carried.pop(key, None)
+            if self._duration_children.pop(key, None) is not None:
                 self.duration.remove(backend.listener, backend.name)
