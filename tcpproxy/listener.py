@@ -244,6 +244,8 @@ class Listener:
     def connection_opened(self, conn: ClientSide) -> None:
         conn.opened_at = self.loop.time()
         self.open_connections += 1
+        if self._log_access:
+            conn.peer = conn.transport.get_extra_info("peername")
         if self.open_connections > self.config.max_connections:
             self._reject(conn, "max_connections")
             return
@@ -255,7 +257,7 @@ class Listener:
             self.connecting.add(conn)
             conn.connect_task = self.loop.create_task(self._await_header(conn))
             return
-        if self._log_access or (pp is not None and pp.send):
+        if pp is not None and pp.send and conn.peer is None:
             conn.peer = conn.transport.get_extra_info("peername")
         self._start_connect(conn)
 
@@ -399,7 +401,11 @@ class Listener:
     def _write_access_log(self, conn: ClientSide) -> None:
         backend = conn.backend
         peer = conn.peer
-        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if isinstance(peer, tuple):
+            host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+            client = f"{host}:{peer[1]}"
+        else:
+            client = str(peer)
         access_log.info(
             "%s %s -> %s up=%d down=%d %.3fs %s",
             self.name,

@@ -98,6 +98,14 @@ class Proxy:
                 return self._failed(trigger, None, exc.problems)
             sha256 = hashlib.sha256(data).hexdigest()
             if self.applied is not None and sha256 == self.applied.sha256:
+                if self.last_failure is not None:
+                    # A bad file was put back to the running config: nothing to apply, but
+                    # the failure is over.
+                    result = ReloadResult(
+                        "success", trigger, time.time(), sha256, "back to the running config"
+                    )
+                    self._record(result)
+                    return result
                 return ReloadResult("unchanged", trigger, time.time(), sha256, "no change")
             failure = self.last_failure
             if (

@@ -46,7 +46,7 @@ class Process:
     def kill(self) -> None:
         if self.popen.poll() is None:
             self.popen.kill()
-            self.popen.communicate()
+        self.popen.communicate()  # closes the pipes even when it already exited
 
 
 def http(url: str, method: str = "GET") -> tuple[int, str]:

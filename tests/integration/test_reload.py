@@ -405,3 +405,19 @@ def test_reload_storm_loses_and_alters_nothing(backends: Backends, start_proxy: 
         running.backend_stat("app", "s1", "total") + running.backend_stat("app", "s2", "total")
         == 50
     )
+
+
+def test_putting_back_the_running_config_ends_the_failure(
+    backends: Backends, start_proxy: Start
+) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    good = two_backends(port, v1, v2, 1, 0)
+    running = start_proxy(good)
+    running.write_config("listeners: [")
+    assert running.reload().result == "failure"
+    assert running.metric("tcpproxy_config_last_reload_successful") == 0
+    running.write_config(good)  # the same bytes as the running config
+    assert running.reload().result == "success"
+    assert running.metric("tcpproxy_config_last_reload_successful") == 1
+    assert running.state(lambda p: p.last_failure) is None
