@@ -42,6 +42,7 @@ class Backend:
         "drain_deadline",
         "drain_handle",
         "ejected",
+        "ends",
         "failure_streak",
         "healthy",
         "host",
@@ -75,6 +76,7 @@ class Backend:
         self.bytes_down_closed = 0
         self.drain_closed = 0
         self.connect_failures = dict.fromkeys(CONNECT_FAILURE_REASONS, 0)
+        self.ends: dict[str, int] = {}  # closed connections by end reason
 
     @property
     def draining(self) -> bool:

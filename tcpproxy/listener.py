@@ -390,6 +390,8 @@ class Listener:
             backend.connections.discard(conn)
             backend.bytes_up_closed += conn.bytes_up
             backend.bytes_down_closed += conn.bytes_down
+            reason = conn.reason or "unknown"
+            backend.ends[reason] = backend.ends.get(reason, 0) + 1
             self.metrics.observe_duration(backend, self.loop.time() - conn.opened_at)
             if backend.draining:
                 self._forget_if_drained(backend)

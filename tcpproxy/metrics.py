@@ -40,7 +40,7 @@ class _Carried:
     """Counters of drained-away Backends whose (listener, name) is still in use by another
     Backend (an address change). Added to that series so that its counters never go down."""
 
-    __slots__ = ("bytes_down", "bytes_up", "connect_failures", "drain_closed", "total")
+    __slots__ = ("bytes_down", "bytes_up", "connect_failures", "drain_closed", "ends", "total")
 
     def __init__(self) -> None:
         self.total = 0
@@ -48,6 +48,7 @@ class _Carried:
         self.bytes_down = 0
         self.drain_closed = 0
         self.connect_failures = dict.fromkeys(CONNECT_FAILURE_REASONS, 0)
+        self.ends: dict[str, int] = {}
 
     def add(self, backend: Backend) -> None:
         self.total += backend.total
@@ -56,6 +57,8 @@ class _Carried:
         self.drain_closed += backend.drain_closed
         for reason, n in backend.connect_failures.items():
             self.connect_failures[reason] += n
+        for reason, n in backend.ends.items():
+            self.ends[reason] = self.ends.get(reason, 0) + n
 
 
 _NOTHING_CARRIED = _Carried()
@@ -84,6 +87,11 @@ class _BackendCollector(Collector):
         failures = CounterMetricFamily(
             PREFIX + "backend_connect_failures",
             "Failed connection attempts to a backend.",
+            labels=[*lb, "reason"],
+        )
+        closed = CounterMetricFamily(
+            PREFIX + "connections_closed",
+            "Closed connections by why they ended (the access log's `end`).",
             labels=[*lb, "reason"],
         )
         drained = CounterMetricFamily(
@@ -119,10 +127,16 @@ class _BackendCollector(Collector):
                     old.connect_failures[reason] + sum(b.connect_failures[reason] for b in same),
                 )
             drained.add_metric(labels, old.drain_closed + sum(b.drain_closed for b in same))
+            ends = dict(old.ends)
+            for b in same:
+                for reason, n in b.ends.items():
+                    ends[reason] = ends.get(reason, 0) + n
+            for reason, n in sorted(ends.items()):
+                closed.add_metric([*labels, reason], n)
             weight.add_metric(labels, configured[0].weight if configured else 0)
             draining.add_metric(labels, 0 if configured else 1)
             up.add_metric(labels, 1 if all(b.up for b in same) else 0)
-        yield from (total, active, traffic, failures, drained, weight, draining, up)
+        yield from (total, active, traffic, failures, closed, drained, weight, draining, up)
 
 
 class Metrics:

@@ -202,6 +202,14 @@ def test_idle_timeout_closes_silent_connections_only(
     chatty.close()
     wait_until(lambda: running.state(lambda p: p.open_connections) == 0)
 
+    def ends(reason: str) -> float | None:
+        return running.metric(
+            "tcpproxy_connections_closed_total", listener="w", backend="v1", reason=reason
+        )
+
+    assert ends("idle_timeout") == 1
+    assert ends("client_closed") == 1
+
 
 def test_backend_given_by_host_name_is_resolved_at_connect_time(
     backends: Backends, start_proxy: Callable[[str], RunningProxy]

@@ -41,6 +41,7 @@ SERIES = {
     "tcpproxy_connection_duration_seconds_count",
     "tcpproxy_connection_duration_seconds_sum",
     "tcpproxy_drain_closed_connections_total",
+    "tcpproxy_connections_closed_total",  # beyond DESIGN §6: closes by end reason
     "tcpproxy_backend_weight",
     "tcpproxy_backend_draining",
     "tcpproxy_backend_up",
