@@ -26,6 +26,9 @@ from tcpproxy.reloader import Reloader
 
 T = TypeVar("T")
 WAIT_S = 10.0
+# The relay engine listener_yaml() writes unless told otherwise; the `each_engine` fixture
+# (tests/integration/conftest.py) runs a test module once per engine through it.
+DEFAULT_ENGINE = ["copy"]
 
 
 def free_port() -> int:
@@ -198,6 +201,7 @@ def listener_yaml(
             f'        address: "{address}"',
             f"        weight: {weight}",
         ]
+    options.setdefault("engine", DEFAULT_ENGINE[0])
     lines += [f"    {key}: {value}" for key, value in options.items()]
     return "\n".join(lines) + "\n"
 

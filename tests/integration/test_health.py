@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+import pytest
+
 from tests.harness import (
     Backends,
     Client,
@@ -14,6 +16,8 @@ from tests.harness import (
     listener_yaml,
     wait_until,
 )
+
+pytestmark = pytest.mark.usefixtures("each_engine")
 
 
 def reached(port: int, n: int) -> Counter[str]:

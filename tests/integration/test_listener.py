@@ -20,6 +20,8 @@ from tests.harness import (
     wait_until,
 )
 
+pytestmark = pytest.mark.usefixtures("each_engine")
+
 
 def reached(port: int, n: int) -> Counter[str]:
     """Open n connections one after another; count which backend greeted each."""

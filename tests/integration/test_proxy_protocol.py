@@ -24,6 +24,9 @@ from tests.harness import (
     wait_until,
 )
 
+pytestmark = pytest.mark.usefixtures("each_engine")
+
+
 Start = Callable[[str], RunningProxy]
 
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import pytest
+
 from tests.harness import (
     Backends,
     Client,
@@ -25,6 +27,9 @@ from tests.harness import (
     pattern,
     wait_until,
 )
+
+pytestmark = pytest.mark.usefixtures("each_engine")
+
 
 Start = Callable[[str], RunningProxy]
 
