@@ -26,7 +26,8 @@ def status(proxy: Proxy) -> dict[str, Any]:
     wall_now = time.time()
     listeners = []
     for listener in proxy.all_listeners():
-        configured = sum(b.weight for b in listener.backends.values() if b.eligible())
+        weight_of = listener.effective_weight
+        configured = sum(weight_of(b) for b in listener.backends.values() if b.eligible())
         backends = []
         for b in listener.all_backends():
             left = None if b.drain_deadline is None else max(0.0, b.drain_deadline - loop_now)
@@ -35,7 +36,9 @@ def status(proxy: Proxy) -> dict[str, Any]:
                     "name": b.name,
                     "address": b.address,
                     "weight": b.weight,
-                    "share": (b.weight / configured) if b.eligible() and configured else 0.0,
+                    # What new connections follow: the weight, or the rollout's step.
+                    "effective_weight": weight_of(b),
+                    "share": (weight_of(b) / configured) if b.eligible() and configured else 0.0,
                     "state": b.state,
                     # Why a backend is `unhealthy`: failing active checks, or ejected for a
                     # while after failed connects.
@@ -58,6 +61,8 @@ def status(proxy: Proxy) -> dict[str, Any]:
                 "state": "removed" if listener.retired else "serving",
                 "open_connections": listener.open_connections,
                 "backends": backends,
+                "rollout": listener.rollout.as_dict(wall_now) if listener.rollout else None,
+                "history": listener.share_history(),
             }
         )
     applied = proxy.applied
@@ -123,10 +128,12 @@ code { font: 12.5px ui-monospace, SFMono-Regular, Menlo, monospace; }
 .card > .head { display: flex; gap: 12px; align-items: baseline; flex-wrap: wrap; }
 .pill { display: inline-block; padding: 1px 9px; border-radius: 10px; color: #fff;
   font-size: 12px; font-weight: 600; letter-spacing: .02em; }
-.s-active, .s-serving, .s-ready, .s-success { background: var(--ok); }
+.s-active, .s-serving, .s-ready, .s-success, .s-running, .s-completed { background: var(--ok); }
 .s-zero, .s-unchanged, .s-removed { background: var(--off); }
-.s-draining { background: var(--warn); }
-.s-unhealthy, .s-failure, .s-not-ready { background: var(--bad); }
+.s-draining, .s-paused { background: var(--warn); }
+.s-unhealthy, .s-failure, .s-not-ready, .s-aborted { background: var(--bad); }
+.rollout { margin: 8px 0; } .chart { margin: 8px 0; } .chart figcaption { color: var(--muted);
+  font-size: 12px; }
 .sharebar { display: flex; height: 26px; border-radius: 5px; overflow: hidden; margin: 12px 0;
   background: var(--line); }
 .sharebar .seg { color: #fff; font-size: 12px; font-weight: 600; line-height: 26px;
@@ -204,6 +211,55 @@ def _pill(state: str, text: str | None = None) -> str:
     return f'<span class="pill {html.escape(css)}">{html.escape(text or state)}</span>'
 
 
+CHART_W, CHART_H = 600, 90
+
+
+def _share_chart(history: list[dict[str, Any]], colours: dict[str, str]) -> str:
+    """Inline SVG: each backend's share of the new connections, per sampling interval."""
+    points = [h for h in history if h["connections"]]
+    if len(points) < 2:
+        return ""
+    t0, t1 = points[0]["at"], points[-1]["at"]
+    span = max(t1 - t0, 1e-9)
+    lines = []
+    for name, colour in colours.items():
+        coords = " ".join(
+            f"{(h['at'] - t0) / span * CHART_W:.1f},"
+            f"{CHART_H - h['share'].get(name, 0.0) * CHART_H:.1f}"
+            for h in points
+        )
+        lines.append(
+            f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}">'
+            f"<title>{html.escape(name)}</title></polyline>"
+        )
+    minutes = (t1 - t0) / 60
+    return (
+        f'<figure class="chart"><svg viewBox="0 0 {CHART_W} {CHART_H}" width="{CHART_W}" '
+        f'height="{CHART_H}" role="img" aria-label="share of new connections per backend">'
+        f'<rect width="{CHART_W}" height="{CHART_H}" fill="none" stroke="#ccc"/>'
+        f'<line x1="0" y1="{CHART_H / 2}" x2="{CHART_W}" y2="{CHART_H / 2}" stroke="#eee"/>'
+        f"{''.join(lines)}</svg><figcaption>share of new connections per backend, last "
+        f"{minutes:.1f} min (0-100%)</figcaption></figure>"
+    )
+
+
+def _render_rollout(rollout: dict[str, Any] | None) -> str:
+    if not rollout:
+        return ""
+    esc = html.escape
+    text = (
+        f"rollout <b>{esc(rollout['from'])}</b> &rarr; <b>{esc(rollout['to'])}</b> "
+        f"{_pill(rollout['state'])} step {rollout['step']}/{len(rollout['steps'])} "
+        f"({', '.join(f'{s}%' for s in rollout['steps'])}) &middot; "
+        f"<b>{rollout['share']}%</b> of new connections to {esc(rollout['to'])}"
+    )
+    if rollout.get("next_step_in_s") is not None:
+        text += f" &middot; next step in {_fmt_span(rollout['next_step_in_s'])}"
+    if rollout.get("reason"):
+        text += f' &middot; <span class="bad">{esc(rollout["reason"])}</span>'
+    return f'<div class="rollout">{text}</div>'
+
+
 def _render_listener(lst: dict[str, Any]) -> str:
     esc = html.escape
     colours = {b["name"]: _PALETTE[i % len(_PALETTE)] for i, b in enumerate(lst["backends"])}
@@ -259,7 +315,9 @@ def _render_listener(lst: dict[str, Any]) -> str:
         f"<h2>{esc(lst['name'])}</h2><code>{esc(lst['bind'])}</code>{_pill(lst['state'])}"
         f'<span class="meta"><b>{lst["open_connections"]}</b> open connections</span></div>'
         f'<div class="sharebar" title="share of new connections by weight">{"".join(segments)}'
-        "</div><table><thead><tr><th>backend</th><th>address</th>"
+        f"</div>{_render_rollout(lst.get('rollout'))}"
+        f"{_share_chart(lst.get('history', []), colours)}"
+        "<table><thead><tr><th>backend</th><th>address</th>"
         '<th class="n">weight</th><th class="n">share</th><th>state</th>'
         '<th class="n">active</th><th class="n">total</th>'
         '<th class="n" title="client to backend">bytes up</th>'
@@ -351,6 +409,17 @@ async def _page(request: web.Request) -> web.Response:
     )
 
 
+async def _rollout(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    name, action = request.match_info["listener"], request.match_info["action"]
+    listener = proxy.listeners.get(name)
+    if listener is None or listener.rollout is None:
+        return web.json_response({"error": f"no rollout on listener {name!r}"}, status=404)
+    done = listener.control_rollout(action)
+    body = {"done": done, "rollout": listener.rollout.as_dict(time.time())}
+    return web.json_response(body, status=200 if done else 409)
+
+
 async def _reload(request: web.Request) -> web.Response:
     result = await request.app[PROXY_KEY].reload("admin")
     return web.json_response(result.as_dict(), status=400 if result.result == "failure" else 200)
@@ -365,6 +434,7 @@ def make_app(proxy: Proxy) -> web.Application:
     app.router.add_get("/status", _status)
     app.router.add_get("/", _page)
     app.router.add_post("/-/reload", _reload)
+    app.router.add_post("/rollout/{listener}/{action:pause|resume|abort}", _rollout)
     return app
 
 

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, help="route config YAML [TCPPROXY_CONFIG]")
     demo = sub.add_parser("demo", help="two echo backends v1/v2 and the proxy on :8008")
     _add_process_flags(demo)
+    rollout = sub.add_parser("rollout", help="show or steer a running rollout (via admin)")
+    rollout.add_argument("action", choices=["status", "pause", "resume", "abort"])
+    rollout.add_argument("--listener", help="the listener (default: every one with a rollout)")
+    rollout.add_argument("--admin", help="admin HOST:PORT of the proxy [TCPPROXY_ADMIN]")
     echo = sub.add_parser("echo", help="the demo backend: greets with its name, echoes lines")
     echo.add_argument("--listen", required=True, help="HOST:PORT to listen on")
     echo.add_argument("--name", required=True, help="name in the greeting")
@@ -108,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{count} backends, sha256 {loaded.sha256[:12]})"
             )
             return 0
+        if args.command == "rollout":
+            from tcpproxy.rollout_cli import rollout_command  # noqa: PLC0415
+
+            return rollout_command(_settings(args).admin, args.action, args.listener)
         if args.command == "echo":
             from tcpproxy.demo import echo_main  # noqa: PLC0415
 

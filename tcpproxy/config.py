@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +20,7 @@ from pydantic import (
     Field,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -142,6 +145,39 @@ class ProxyProtocolConfig(_Model):
     accept: bool = False
 
 
+class RolloutAbortConfig(_Model):
+    # Abort when more than this part of the connection attempts to B failed over `window`
+    # (once there were at least `min_attempts`), or when B is unhealthy.
+    max_failure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.2
+    window: Annotated[Duration, Field(gt=0)] = 60.0
+    min_attempts: StrictInt = Field(default=5, ge=1)
+    on_unhealthy: bool = True
+
+
+class RolloutConfig(_Model):
+    """Shift new connections from backend `from` to backend `to` in timed steps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    from_: Name = Field(alias="from")
+    to: Name
+    steps: tuple[Annotated[StrictInt, Field(ge=0, le=100)], ...]  # B's share in percent
+    step_duration: Annotated[Duration, Field(gt=0)]
+    # When step 1 began. Set it (ISO 8601) to make restarts resume at the right step; left
+    # out, the rollout starts when this config is first applied.
+    started_at: datetime | None = None
+    abort: RolloutAbortConfig = RolloutAbortConfig()
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: tuple[int, ...]) -> tuple[int, ...]:
+        if not steps:
+            raise ValueError("at least one step is required")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError("steps must increase")
+        return steps
+
+
 class ListenerConfig(_Model):
     name: Name
     bind: Address
@@ -156,6 +192,7 @@ class ListenerConfig(_Model):
     engine: Literal["copy", "splice"] = "copy"
     health_check: HealthCheckConfig | None = None
     proxy_protocol: ProxyProtocolConfig | None = None
+    rollout: RolloutConfig | None = None
     ejection: EjectionConfig | None = EjectionConfig()
 
     # An "after" validator runs only when every backend is valid, so a bad backend is
@@ -166,6 +203,18 @@ class ListenerConfig(_Model):
         if not backends:
             raise ValueError("at least one backend is required")
         return backends
+
+    @field_validator("rollout")
+    @classmethod
+    def _names_backends(cls, rollout: RolloutConfig | None, info: ValidationInfo) -> object:
+        backends = {b.name for b in info.data.get("backends", ())}
+        if rollout is not None and backends:
+            for name in (rollout.from_, rollout.to):
+                if name not in backends:
+                    raise ValueError(f"{name!r} is not a backend of this listener")
+            if rollout.from_ == rollout.to:
+                raise ValueError("'from' and 'to' must be different backends")
+        return rollout
 
 
 class RouteConfig(_Model):

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import os
 import socket
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from tcpproxy import health, proxy_protocol, relay
 from tcpproxy.balancer import SmoothWeightedRoundRobin
-from tcpproxy.config import HealthCheckConfig, ListenerConfig, split_host_port
+from tcpproxy.config import HealthCheckConfig, ListenerConfig, RolloutConfig, split_host_port
 from tcpproxy.connections import Backend
 from tcpproxy.relay import ClientSide
 from tcpproxy.resolver import Resolver
+from tcpproxy.rollout import PAUSED, RUNNING, Rollout, Sample, split_weights
 from tcpproxy.splice import SpliceServer
 from tcpproxy.table import BackendKey, ListenerPlan, backend_key
 
@@ -32,6 +36,10 @@ LISTEN_BACKLOG = 4096
 DRAIN_CLOSE_WINDOW_S = 1.0
 DRAIN_CLOSE_STEPS = 10
 IDLE_SWEEP_MAX_S = 10.0
+ROLLOUT_TICK_MAX_S = 1.0
+# New-connection counts per backend every few seconds, for the status page's share chart.
+HISTORY_INTERVAL_S = 5.0
+HISTORY_SAMPLES = 120
 LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 RESOURCE_LOG_INTERVAL_S = 5.0  # at most one "out of file descriptors" line this often
 
@@ -81,6 +89,12 @@ class Listener:
         self.on_empty: asyncio.Event = asyncio.Event()
         self._idle_handle: asyncio.TimerHandle | None = None
         self._checker: health.HealthChecker | None = None
+        self._ordered: list[Backend] = []
+        self.rollout: Rollout | None = None
+        self._rollout_share = 0
+        self._rollout_handle: asyncio.TimerHandle | None = None
+        self._history: deque[tuple[float, dict[str, int]]] = deque(maxlen=HISTORY_SAMPLES)
+        self._history_handle: asyncio.TimerHandle | None = None
         self.resolver = Resolver(self.loop.getaddrinfo, self.loop.time)
         self._last_exhausted_log = -RESOURCE_LOG_INTERVAL_S
         self._rejected = {
@@ -142,9 +156,137 @@ class Listener:
             backend = current
             backend.weight = cfg.weight
             ordered.append(backend)
-        self.balancer = SmoothWeightedRoundRobin([(b, b.weight) for b in ordered])
+        self._ordered = ordered
+        if self._history_handle is None:
+            self._history_handle = self.loop.call_later(HISTORY_INTERVAL_S, self._sample_history)
+        self._configure_rollout(None if self.retired else plan.config.rollout)
+        self._rebuild_balancer()
         self._schedule_idle_sweep()
         self._configure_health_checks(None if self.retired else plan.config.health_check)
+
+    # -- weights, and the rollout that may override two of them --
+
+    def _sample_history(self) -> None:
+        self._history.append((time.time(), {b.name: b.total for b in self._ordered}))
+        self._history_handle = self.loop.call_later(HISTORY_INTERVAL_S, self._sample_history)
+
+    def share_history(self) -> list[dict[str, object]]:
+        """Share of new connections per backend in each interval of the last minutes."""
+        out: list[dict[str, object]] = []
+        samples = [*self._history, (time.time(), {b.name: b.total for b in self._ordered})]
+        for (_, before), (at, after) in itertools.pairwise(samples):
+            new = {name: after[name] - before.get(name, 0) for name in after}
+            total = sum(new.values())
+            shares = {name: n / total for name, n in new.items()} if total else {}
+            out.append({"at": at, "connections": total, "share": shares})
+        return out
+
+    def effective_weight(self, backend: Backend) -> int:
+        rollout = self.rollout
+        if rollout is not None and backend.name in (rollout.config.from_, rollout.config.to):
+            a, b = split_weights(self._rollout_share)
+            return b if backend.name == rollout.config.to else a
+        return backend.weight
+
+    def _rebuild_balancer(self) -> None:
+        self.balancer = SmoothWeightedRoundRobin(
+            [(b, self.effective_weight(b)) for b in self._ordered]
+        )
+
+    def _configure_rollout(self, config: RolloutConfig | None) -> None:
+        current = self.rollout.config if self.rollout is not None else None
+        if config == current:
+            return  # unchanged by this reload: the rollout keeps its state
+        if self._rollout_handle is not None:
+            self._rollout_handle.cancel()
+            self._rollout_handle = None
+        self.rollout = None
+        if config is None:
+            return
+        self.rollout = Rollout(config, time.time())
+        self._rollout_share = self.rollout.share(time.time())
+        log.info(
+            "%s: rollout %s -> %s started at step %d (%d%%)",
+            self.name,
+            config.from_,
+            config.to,
+            self.rollout.step(time.time()) + 1,
+            self._rollout_share,
+            extra={"listener": self.name, "rollout": "started"},
+        )
+        self._rollout_tick()
+
+    def _rollout_tick(self) -> None:
+        self._rollout_handle = None
+        rollout = self.rollout
+        if rollout is None:
+            return
+        now = time.time()
+        target = next((b for b in self._ordered if b.name == rollout.config.to), None)
+        if target is not None:
+            failures = sum(target.connect_failures.values())
+            sample = Sample(now, target.total + failures, failures)
+            event = rollout.advance(now, sample, target.up)
+            if event is not None:
+                level = logging.WARNING if event.startswith("aborted") else logging.INFO
+                log.log(
+                    level,
+                    "%s: rollout %s -> %s %s",
+                    self.name,
+                    rollout.config.from_,
+                    rollout.config.to,
+                    event,
+                    extra={"listener": self.name, "rollout": rollout.state},
+                )
+        self._apply_rollout_share(now)
+        if rollout.state in (RUNNING, PAUSED):
+            # Tick at the next step boundary (plus a hair), or sooner to check for aborts.
+            tick = ROLLOUT_TICK_MAX_S
+            next_change = rollout.next_change(now)
+            if next_change is not None:
+                tick = min(tick, next_change + 0.001)
+            self._rollout_handle = self.loop.call_later(tick, self._rollout_tick)
+
+    def _apply_rollout_share(self, now: float) -> None:
+        assert self.rollout is not None
+        share = self.rollout.share(now)
+        self.rollout.applied_step = self.rollout.step(now)
+        self.rollout.applied_share = share
+        if share != self._rollout_share:
+            self._rollout_share = share
+            self._rebuild_balancer()
+            log.info(
+                "%s: rollout step %d: %d%% of new connections to %s",
+                self.name,
+                self.rollout.step(now) + 1,
+                share,
+                self.rollout.config.to,
+                extra={"listener": self.name, "rollout": self.rollout.state, "share": share},
+            )
+
+    def control_rollout(self, action: str) -> bool:
+        """pause, resume or abort; False when the rollout is not in a state that allows it."""
+        rollout = self.rollout
+        if rollout is None:
+            return False
+        now = time.time()
+        if action == "pause":
+            done = rollout.pause(now)
+        elif action == "resume":
+            done = rollout.resume(now)
+        elif action == "abort":
+            done = rollout.abort("aborted by an operator")
+        else:
+            raise ValueError(action)
+        if done:
+            log.warning(
+                "%s: rollout %s by an operator",
+                self.name,
+                {"pause": "paused", "resume": "resumed", "abort": "aborted"}[action],
+                extra={"listener": self.name, "rollout": rollout.state},
+            )
+            self._apply_rollout_share(now)
+        return done
 
     def _configure_health_checks(self, check: HealthCheckConfig | None) -> None:
         current = self._checker.check if self._checker is not None else None
@@ -234,6 +376,12 @@ class Listener:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+        if self._rollout_handle is not None:
+            self._rollout_handle.cancel()
+            self._rollout_handle = None
+        if self._history_handle is not None:
+            self._history_handle.cancel()
+            self._history_handle = None
         self._configure_health_checks(None)
 
     # -- connections (relay.Owner) --

@@ -23,6 +23,8 @@ from prometheus_client.registry import Collector
 
 from tcpproxy import __version__
 from tcpproxy.connections import CONNECT_FAILURE_REASONS, Backend
+from tcpproxy.rollout import STATES as ROLLOUT_STATES
+from tcpproxy.rollout import Rollout
 
 PREFIX = "tcpproxy_"
 # How long a drained-away backend's series stay after its last connection closed, so that
@@ -139,6 +141,34 @@ class _BackendCollector(Collector):
         yield from (total, active, traffic, failures, closed, drained, weight, draining, up)
 
 
+class _RolloutCollector(Collector):
+    def __init__(self, rollouts: Callable[[], Iterable[tuple[str, Rollout]]]) -> None:
+        self._rollouts = rollouts
+
+    def collect(self) -> Iterator[Metric]:
+        step = GaugeMetricFamily(
+            PREFIX + "rollout_step", "Current rollout step, from 1.", labels=["listener"]
+        )
+        share = GaugeMetricFamily(
+            PREFIX + "rollout_share_percent",
+            "The new backend's share of new connections under the rollout.",
+            labels=["listener", "backend"],
+        )
+        state = GaugeMetricFamily(
+            PREFIX + "rollout_state",
+            "1 for the rollout's current state.",
+            labels=["listener", "state"],
+        )
+        for listener, rollout in self._rollouts():
+            step.add_metric(
+                [listener], min(rollout.applied_step, len(rollout.config.steps) - 1) + 1
+            )
+            share.add_metric([listener, rollout.config.to], rollout.applied_share)
+            for name in ROLLOUT_STATES:
+                state.add_metric([listener, name], 1 if rollout.state == name else 0)
+        yield from (step, share, state)
+
+
 class Metrics:
     """One registry per proxy, so that several proxies can live in one process (tests)."""
 
@@ -146,10 +176,12 @@ class Metrics:
         self,
         backends: Callable[[], Iterable[Backend]],
         linger_s: float = DEFAULT_LINGER_S,
+        rollouts: Callable[[], Iterable[tuple[str, Rollout]]] = tuple,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._carried: dict[Labels, _Carried] = {}
         self.registry.register(_BackendCollector(self._reported, self._carried))
+        self.registry.register(_RolloutCollector(rollouts))
         self.linger_s = linger_s
         # Drained-away backends, reported until their deadline (monotonic seconds).
         self._lingering: list[tuple[float, Backend]] = []

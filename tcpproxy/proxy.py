@@ -16,6 +16,7 @@ from tcpproxy.config import ConfigError, LoadedConfig, parse_config, read_config
 from tcpproxy.connections import Backend
 from tcpproxy.listener import Listener, Server
 from tcpproxy.metrics import DEFAULT_LINGER_S, Metrics
+from tcpproxy.rollout import Rollout
 from tcpproxy.table import ListenerPlan, Plan, Table, diff
 
 log = logging.getLogger("tcpproxy")
@@ -52,7 +53,7 @@ class Proxy:
         self.table = Table()
         self.listeners: dict[str, Listener] = {}
         self.retired: dict[str, Listener] = {}  # removed from the config, still draining
-        self.metrics = Metrics(self.all_backends, metrics_linger_s)
+        self.metrics = Metrics(self.all_backends, metrics_linger_s, self._rollouts)
         self.applied: LoadedConfig | None = None
         self.loaded_at: float | None = None
         self.last_reload: ReloadResult | None = None
@@ -65,6 +66,11 @@ class Proxy:
     def all_listeners(self) -> Iterator[Listener]:
         yield from self.listeners.values()
         yield from self.retired.values()
+
+    def _rollouts(self) -> Iterator[tuple[str, Rollout]]:
+        for listener in self.listeners.values():
+            if listener.rollout is not None:
+                yield listener.name, listener.rollout
 
     def all_backends(self) -> Iterator[Backend]:
         for listener in self.all_listeners():

@@ -1,0 +1,162 @@
+"""Progressive rollout: move new connections from backend A to B in timed steps, abort on
+failures. Pure: the caller passes the time and the counters; no I/O, no asyncio.
+
+The schedule is a function of elapsed running time, so a proxy restarted with the same
+`started_at` lands on the same step instead of starting over or jumping to 100%.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from tcpproxy.config import RolloutConfig
+
+RUNNING = "running"
+PAUSED = "paused"
+COMPLETED = "completed"
+ABORTED = "aborted"
+STATES = (RUNNING, PAUSED, COMPLETED, ABORTED)
+
+
+def step_at(steps: tuple[int, ...], step_duration_s: float, elapsed_s: float) -> int:
+    """Index of the step in force after `elapsed_s` of running; len(steps) once done."""
+    if elapsed_s <= 0:
+        return 0
+    return min(int(elapsed_s // step_duration_s), len(steps))
+
+
+def split_weights(share: int) -> tuple[int, int]:
+    """Weights (A, B) for B's share in percent, reduced so that the balancer's exact window
+    (sum of weights) is as short as possible: 25% -> (3, 1), a 1-in-4 pattern."""
+    a, b = 100 - share, share
+    g = math.gcd(a, b) or 1
+    return a // g, b // g
+
+
+def failure_ratio(attempts: int, failures: int) -> float:
+    return failures / attempts if attempts else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    at: float
+    attempts: int  # cumulative connection attempts to B
+    failures: int  # cumulative failed attempts to B
+
+
+def abort_reason(
+    window: deque[Sample], now: Sample, max_ratio: float, min_attempts: int
+) -> str | None:
+    """Why to abort given B's counters now and over the window (oldest sample first)."""
+    if not window:
+        return None
+    oldest = window[0]
+    attempts = now.attempts - oldest.attempts
+    failures = now.failures - oldest.failures
+    if attempts >= min_attempts and failure_ratio(attempts, failures) > max_ratio:
+        return (
+            f"{failures} of {attempts} connection attempts to the new backend failed "
+            f"(more than {max_ratio:.0%})"
+        )
+    return None
+
+
+class Rollout:
+    """One listener's rollout: its state and the weights it imposes on A and B."""
+
+    def __init__(self, config: RolloutConfig, started_at: float) -> None:
+        self.config = config
+        self.started_at = config.started_at.timestamp() if config.started_at else started_at
+        self.state = RUNNING
+        self.reason = ""
+        self.paused_s = 0.0  # running time lost to pauses, before `paused_since`
+        self.paused_since: float | None = None
+        self.window: deque[Sample] = deque()
+        # What the balancer follows now (the listener applies the schedule on its ticks).
+        self.applied_step = 0
+        self.applied_share = 0
+
+    @property
+    def key(self) -> RolloutConfig:
+        return self.config
+
+    def elapsed(self, now: float) -> float:
+        paused = self.paused_s + (now - self.paused_since if self.paused_since else 0.0)
+        return max(0.0, now - self.started_at - paused)
+
+    def step(self, now: float) -> int:
+        return step_at(self.config.steps, self.config.step_duration, self.elapsed(now))
+
+    def share(self, now: float) -> int:
+        """B's share of new connections in percent."""
+        if self.state == ABORTED:
+            return 0
+        if self.state == COMPLETED:
+            return 100
+        index = self.step(now)
+        return 100 if index >= len(self.config.steps) else self.config.steps[index]
+
+    def next_change(self, now: float) -> float | None:
+        """Seconds until the next step boundary (None when nothing is scheduled)."""
+        if self.state != RUNNING:
+            return None
+        elapsed = self.elapsed(now)
+        return (self.step(now) + 1) * self.config.step_duration - elapsed
+
+    def advance(self, now: float, sample: Sample, b_up: bool) -> str | None:
+        """Move the state on; returns an event to log ('completed', 'aborted: ...')."""
+        if self.state not in (RUNNING, PAUSED):
+            return None
+        abort = self.config.abort
+        window_s = abort.window
+        while self.window and self.window[0].at < now - window_s:
+            self.window.popleft()
+        reason = abort_reason(self.window, sample, abort.max_failure_ratio, abort.min_attempts)
+        self.window.append(sample)
+        if reason is None and abort.on_unhealthy and not b_up:
+            reason = "the new backend is unhealthy"
+        if reason is not None:
+            self.state = ABORTED
+            self.reason = reason
+            return f"aborted: {reason}"
+        if self.state == RUNNING and self.step(now) >= len(self.config.steps):
+            self.state = COMPLETED
+            return "completed"
+        return None
+
+    def pause(self, now: float) -> bool:
+        if self.state != RUNNING:
+            return False
+        self.state = PAUSED
+        self.paused_since = now
+        return True
+
+    def resume(self, now: float) -> bool:
+        if self.state != PAUSED or self.paused_since is None:
+            return False
+        self.paused_s += now - self.paused_since
+        self.paused_since = None
+        self.state = RUNNING
+        return True
+
+    def abort(self, reason: str) -> bool:
+        if self.state in (COMPLETED, ABORTED):
+            return False
+        self.state = ABORTED
+        self.reason = reason
+        return True
+
+    def as_dict(self, now: float) -> dict[str, object]:
+        return {
+            "from": self.config.from_,
+            "to": self.config.to,
+            "state": self.state,
+            "step": min(self.applied_step, len(self.config.steps) - 1) + 1,
+            "steps": list(self.config.steps),
+            "share": self.applied_share,
+            "started_at": self.started_at,
+            "next_step_in_s": self.next_change(now),
+            "reason": self.reason,
+        }

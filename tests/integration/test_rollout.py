@@ -1,0 +1,190 @@
+"""Progressive rollout over real connections: steps, completion, abort, control, reload."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from tcpproxy.proxy import Proxy
+from tests.harness import (
+    Backends,
+    Client,
+    LoopThread,
+    RunningProxy,
+    config_yaml,
+    free_port,
+    listener_yaml,
+    wait_until,
+)
+from tests.integration import admin_http
+from tests.integration.admin_http import Admin
+
+admins = pytest.fixture(admin_http.admins)
+Start = Callable[[str], RunningProxy]
+
+
+def rollout_yaml(
+    port: int, backends: tuple[str, str], steps: str, step_duration: str, *, extra: str = ""
+) -> str:
+    """One listener with v1 and v2, and a rollout from v1 to v2; `extra` goes in the
+    rollout block."""
+    v1, v2 = backends
+    text = listener_yaml("app", port, {"v1": (v1, 1), "v2": (v2, 0)})
+    block = f"from: v1\nto: v2\nsteps: {steps}\nstep_duration: {step_duration}\n{extra}"
+    return config_yaml(
+        text + "    rollout:\n" + "".join(f"      {line}\n" for line in block.splitlines())
+    )
+
+
+def reached(port: int, n: int) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(n):
+        c = Client(port)
+        seen[c.greeting()] += 1
+        c.close()
+    return seen
+
+
+def rollout_state(running: RunningProxy) -> dict[str, object]:
+    def read(proxy: Proxy) -> dict[str, object]:
+        rollout = proxy.listeners["app"].rollout
+        assert rollout is not None
+        return rollout.as_dict(time.time())
+
+    return running.state(read)
+
+
+def test_steps_move_the_share_then_complete_at_100(backends: Backends, start_proxy: Start) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    running = start_proxy(rollout_yaml(port, (v1, v2), "[25, 50, 75]", "1500ms"))
+    observed = {}
+    for step, share in ((1, 25), (2, 50), (3, 75)):
+        wait_until(
+            partial(lambda want: rollout_state(running)["step"] == want, step), what=f"step {step}"
+        )
+        # 8 new connections: exactly share% reach v2 (the balancer's window is 4 here).
+        seen = reached(port, 8)
+        assert rollout_state(running)["step"] == step, "the step changed while counting"
+        observed[share] = seen["v2"] / 8
+    assert observed == {25: 0.25, 50: 0.5, 75: 0.75}
+    assert running.metric("tcpproxy_rollout_share_percent", listener="app", backend="v2") == 75
+    assert running.metric("tcpproxy_rollout_step", listener="app") == 3
+    wait_until(lambda: rollout_state(running)["state"] == "completed", what="completed")
+    assert running.metric("tcpproxy_rollout_state", listener="app", state="completed") == 1
+    assert reached(port, 8) == {"v2": 8}
+
+
+def test_failures_in_the_new_backend_abort_and_leave_its_connections(
+    backends: Backends, start_proxy: Start
+) -> None:
+    v1 = backends.start("v1")
+    v2_port = free_port()
+    v2 = backends.start("v2", port=v2_port)
+    port = free_port()
+    abort = "abort:\n  max_failure_ratio: 0.3\n  min_attempts: 3\n  window: 30s\n"
+    running = start_proxy(rollout_yaml(port, (v1, v2), "[50, 100]", "60s", extra=abort))
+    pinned = [Client(port) for _ in range(4)]
+    on_v2 = [c for c in pinned if c.greeting() == "v2"]
+    assert len(on_v2) == 2
+    backends.stop("v2")  # v2 now refuses new connections; its open ones live on
+    for _ in range(20):
+        reached(port, 2)
+        if rollout_state(running)["state"] == "aborted":
+            break
+        time.sleep(0.3)
+    state = rollout_state(running)
+    assert state["state"] == "aborted"
+    assert state["share"] == 0
+    assert "failed" in str(state["reason"]) or "unhealthy" in str(state["reason"])
+    assert reached(port, 6) == {"v1": 6}
+    for c in on_v2:
+        assert c.echo(b"still on v2\n") == b"still on v2\n"
+    for c in pinned:
+        c.close()
+
+
+def test_pause_resume_abort_through_admin_and_cli(
+    backends: Backends, start_proxy: Start, admins: Callable[[Proxy], Admin]
+) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    running = start_proxy(rollout_yaml(port, (v1, v2), "[10, 20]", "1s"))
+    admin = admins(running.proxy)
+    assert admin.post("/rollout/app/pause").status == 200
+    assert admin.post("/rollout/app/pause").status == 409  # already paused
+    time.sleep(1.5)  # longer than a step: a paused rollout stays where it is
+    assert rollout_state(running)["step"] == 1
+    assert admin.status()["listeners"][0]["rollout"]["state"] == "paused"
+    cli = [sys.executable, "-m", "tcpproxy", "rollout"]
+    address = admin.url.removeprefix("http://")
+    out = subprocess.run(
+        [*cli, "status", "--admin", address], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("app: v1 -> v2 paused, step 1/2, 10% to v2")
+    subprocess.run([*cli, "resume", "--admin", address], capture_output=True, check=True)
+    assert rollout_state(running)["state"] == "running"
+    done = subprocess.run(
+        [*cli, "abort", "--admin", address, "--listener", "app"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "aborted" in done.stdout
+    assert reached(port, 4) == {"v1": 4}
+    again = subprocess.run(
+        [*cli, "resume", "--admin", address], capture_output=True, text=True, check=False
+    )
+    assert again.returncode == 1
+    assert admin.post("/rollout/nope/pause").status == 404
+
+
+def test_reload_keeps_an_unchanged_rollout_and_restarts_a_changed_one(
+    backends: Backends, start_proxy: Start
+) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    running = start_proxy(rollout_yaml(port, (v1, v2), "[10, 20]", "1h"))
+    assert running.state(lambda p: p.listeners["app"].control_rollout("pause"))
+    # Another option changes; the rollout block does not: still paused, same start.
+    started = rollout_state(running)["started_at"]
+    running.write_config(
+        rollout_yaml(port, (v1, v2), "[10, 20]", "1h").replace(
+            "    rollout:", "    idle_timeout: 2h\n    rollout:"
+        )
+    )
+    assert running.reload().result == "success"
+    assert rollout_state(running)["state"] == "paused"
+    assert rollout_state(running)["started_at"] == started
+    # A changed rollout is a new one.
+    running.write_config(rollout_yaml(port, (v1, v2), "[30, 60]", "1h"))
+    assert running.reload().result == "success"
+    assert rollout_state(running)["state"] == "running"
+    assert rollout_state(running)["share"] == 30
+
+
+def test_restart_with_started_at_resumes_at_the_right_step(
+    backends: Backends, loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    begun = datetime.fromtimestamp(time.time() - 25, UTC).isoformat()
+    path = tmp_path / "tcpproxy.yaml"
+    path.write_text(
+        rollout_yaml(port, (v1, v2), "[10, 50, 90]", "10s", extra=f'started_at: "{begun}"\n')
+    )
+    running = RunningProxy(loop_thread, path)  # a fresh proxy: as after a restart
+    try:
+        state = rollout_state(running)
+        assert state["step"] == 3
+        assert state["share"] == 90
+    finally:
+        running.shutdown()
