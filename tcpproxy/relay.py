@@ -56,15 +56,14 @@ def _reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
-class ClientSide(asyncio.Protocol):
-    """The accepted connection; also the record of the proxied connection as a whole."""
+class ConnectionRecord:
+    """What the listener knows of a proxied connection, whichever engine moves its bytes."""
 
     __slots__ = (
         "awaiting_header",
         "backend",
         "bytes_down",
         "bytes_up",
-        "client_eof",
         "closed",
         "connect_task",
         "connect_timed_out",
@@ -77,17 +76,12 @@ class ClientSide(asyncio.Protocol):
         "pending",
         "pending_bytes",
         "reason",
-        "transport",
-        "upstream",
-        "upstream_eof",
     )
 
     def __init__(self, owner: Owner) -> None:
         self.owner = owner
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
-        self.upstream: asyncio.Transport | None = None
         self.backend: Backend | None = None
-        self.pending: list[bytes] | None = None
+        self.pending: list[bytes] | None = None  # client bytes before the backend is up
         self.pending_bytes = 0
         self.connect_task: asyncio.Task[None] | None = None
         self.connect_timed_out = False
@@ -103,9 +97,20 @@ class ClientSide(asyncio.Protocol):
         self.peer: object = None
         self.local: object = None  # the address the client reached, from a PROXY header
         self.reason: str | None = None
+        self.closed = False
+
+
+class ClientSide(ConnectionRecord, asyncio.Protocol):
+    """The copy engine's accepted connection; also the record of the connection as a whole."""
+
+    __slots__ = ("client_eof", "transport", "upstream", "upstream_eof")
+
+    def __init__(self, owner: Owner) -> None:
+        super().__init__(owner)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
+        self.upstream: asyncio.Transport | None = None
         self.client_eof = False
         self.upstream_eof = False
-        self.closed = False
 
     # -- client transport callbacks --
 

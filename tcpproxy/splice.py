@@ -18,6 +18,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from tcpproxy import relay
+from tcpproxy.relay import ConnectionRecord
 
 if TYPE_CHECKING:
     from tcpproxy.connections import Backend
@@ -79,30 +80,15 @@ class _Direction:
         self.shut = False  # FIN passed on to dst
 
 
-class SpliceConnection:
-    """A proxied connection on raw sockets; the listener sees the same fields as ClientSide."""
+class SpliceConnection(ConnectionRecord):
+    """A proxied connection on raw sockets; the listener sees the same record as ClientSide."""
 
     def __init__(self, owner: Owner, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
-        self.owner = owner
+        super().__init__(owner)
         self.loop = loop
         self.sock = sock
         self.upstream_sock: socket.socket | None = None
         self.upstream: object = None  # set when connected (the listener checks it)
-        self.backend: Backend | None = None
-        self.pending: list[bytes] | None = None
-        self.pending_bytes = 0
-        self.connect_task: asyncio.Task[None] | None = None
-        self.connect_timed_out = False
-        self.awaiting_header = False
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.idle_mark = -1
-        self.idle_since = 0.0
-        self.opened_at = 0.0
-        self.peer: object = None
-        self.local: object = None
-        self.reason: str | None = None
-        self.closed = False
         self._up: _Direction | None = None
         self._down: _Direction | None = None
         self._watch_client_early()

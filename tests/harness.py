@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -265,6 +266,16 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def greetings(port: int, n: int) -> Counter[str]:
+    """Open n connections one after another; count which backend greeted each."""
+    seen: Counter[str] = Counter()
+    for _ in range(n):
+        client = Client(port)
+        seen[client.greeting()] += 1
+        client.close()
+    return seen
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -13,20 +12,12 @@ from tests.harness import (
     RunningProxy,
     config_yaml,
     free_port,
+    greetings,
     listener_yaml,
     wait_until,
 )
 
 pytestmark = pytest.mark.usefixtures("each_engine")
-
-
-def reached(port: int, n: int) -> Counter[str]:
-    seen: Counter[str] = Counter()
-    for _ in range(n):
-        client = Client(port)
-        seen[client.greeting()] += 1
-        client.close()
-    return seen
 
 
 def with_block(listener: str, block: str) -> str:
@@ -43,7 +34,7 @@ def test_passive_ejection_then_the_backend_is_tried_again(
     running = start_proxy(
         config_yaml(with_block(listener, "ejection:\n  consecutive_failures: 2\n  duration: 1s"))
     )
-    assert reached(port, 10) == {"v1": 10}
+    assert greetings(port, 10) == {"v1": 10}
 
     def refused() -> int:
         return int(running.backend_stat("w", "v2", "connect_failures")["refused"])
@@ -53,7 +44,7 @@ def test_passive_ejection_then_the_backend_is_tried_again(
     # It comes back in the rotation after the ejection; it is up now, so traffic returns.
     backends.start("v2", port=dead_port)
     wait_until(lambda: running.backend_stat("w", "v2", "state") == "active", what="readmitted")
-    assert reached(port, 4) == {"v1": 2, "v2": 2}
+    assert greetings(port, 4) == {"v1": 2, "v2": 2}
     assert refused() == 2
 
 
@@ -75,13 +66,13 @@ health_check:
     running = start_proxy(config_yaml(with_block(listener, check)))
     wait_until(lambda: running.backend_stat("w", "v2", "state") == "unhealthy", what="marked down")
     assert running.metric("tcpproxy_backend_up", listener="w", backend="v2") == 0
-    assert reached(port, 6) == {"v1": 6}
+    assert greetings(port, 6) == {"v1": 6}
     # No client paid for finding out: v2 was never tried for a client connection.
     assert sum(running.backend_stat("w", "v2", "connect_failures").values()) == 0
     backends.start("v2", port=v2_port)
     wait_until(lambda: running.backend_stat("w", "v2", "state") == "active", what="back up")
     assert running.metric("tcpproxy_backend_up", listener="w", backend="v2") == 1
-    assert reached(port, 6) == {"v1": 3, "v2": 3}
+    assert greetings(port, 6) == {"v1": 3, "v2": 3}
 
 
 def test_unhealthy_backend_keeps_its_pinned_connections(
@@ -103,7 +94,7 @@ health_check:
     running.write_config(config_yaml(with_block(listener, strict)))
     assert running.reload().result == "success"
     wait_until(lambda: running.backend_stat("w", "v2", "state") == "unhealthy", what="v2 down")
-    assert reached(port, 4) == {"v1": 4}
+    assert greetings(port, 4) == {"v1": 4}
     for c in pinned:
         assert c.echo(b"still pinned\n") == b"still pinned\n"
         c.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -16,21 +15,12 @@ from tests.harness import (
     clients,
     config_yaml,
     free_port,
+    greetings,
     listener_yaml,
     wait_until,
 )
 
 pytestmark = pytest.mark.usefixtures("each_engine")
-
-
-def reached(port: int, n: int) -> Counter[str]:
-    """Open n connections one after another; count which backend greeted each."""
-    seen: Counter[str] = Counter()
-    for _ in range(n):
-        client = Client(port)
-        seen[client.greeting()] += 1
-        client.close()
-    return seen
 
 
 def test_weights_80_20_give_exactly_800_200_of_1000(
@@ -39,7 +29,7 @@ def test_weights_80_20_give_exactly_800_200_of_1000(
     v1, v2 = backends.start("v1"), backends.start("v2")
     port = free_port()
     start_proxy(config_yaml(listener_yaml("w", port, {"v1": (v1, 80), "v2": (v2, 20)})))
-    assert reached(port, 1000) == {"v1": 800, "v2": 200}
+    assert greetings(port, 1000) == {"v1": 800, "v2": 200}
 
 
 def test_weight_zero_gets_nothing(
@@ -48,7 +38,7 @@ def test_weight_zero_gets_nothing(
     v1, v2 = backends.start("v1"), backends.start("v2")
     port = free_port()
     start_proxy(config_yaml(listener_yaml("w", port, {"v1": (v1, 0), "v2": (v2, 3)})))
-    assert reached(port, 30) == {"v2": 30}
+    assert greetings(port, 30) == {"v2": 30}
 
 
 def test_refusing_backend_is_retried_on_the_other_and_counted(
@@ -60,7 +50,7 @@ def test_refusing_backend_is_retried_on_the_other_and_counted(
     running = start_proxy(
         config_yaml(listener_yaml("w", port, {"dead": (dead, 50), "v1": (v1, 50)}))
     )
-    assert reached(port, 40) == {"v1": 40}
+    assert greetings(port, 40) == {"v1": 40}
     failures = running.backend_stat("w", "dead", "connect_failures")
     # Every second pick went to it first, until 5 failures in a row ejected it (the default).
     assert failures["refused"] == 5
@@ -115,7 +105,7 @@ def test_max_connections_refuses_the_extra_one(
         # The held ones still work.
         assert held[0].echo(b"still here\n") == b"still here\n"
     wait_until(lambda: running.state(lambda p: p.open_connections) == 0)
-    assert reached(port, 1) == {"v1": 1}
+    assert greetings(port, 1) == {"v1": 1}
     rejected = running.metric(
         "tcpproxy_connections_rejected_total", listener="w", reason="max_connections"
     )
@@ -157,7 +147,7 @@ def test_connect_timeout_counts_and_falls_back(
             )
         )
     )
-    assert reached(port, 2) == {"v1": 2}
+    assert greetings(port, 2) == {"v1": 2}
     assert running.backend_stat("w", "slow", "connect_failures")["timeout"] == 1
 
 
@@ -220,5 +210,5 @@ def test_backend_given_by_host_name_is_resolved_at_connect_time(
     port = free_port()
     by_name = v1.replace("127.0.0.1", "localhost")
     running = start_proxy(config_yaml(listener_yaml("w", port, {"v1": (by_name, 1)})))
-    assert reached(port, 3) == {"v1": 3}
+    assert greetings(port, 3) == {"v1": 3}
     assert running.backend_stat("w", "v1", "literal") is False

@@ -7,7 +7,6 @@ import os
 import socket
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.harness import (
     clients,
     config_yaml,
     free_port,
+    greetings,
     listener_yaml,
     pattern,
     wait_until,
@@ -36,15 +36,6 @@ Start = Callable[[str], RunningProxy]
 
 def two_backends(port: int, v1: str, v2: str, w1: int, w2: int, **options: object) -> str:
     return config_yaml(listener_yaml("app", port, {"v1": (v1, w1), "v2": (v2, w2)}, **options))
-
-
-def greeted_by(port: int, n: int) -> Counter[str]:
-    seen: Counter[str] = Counter()
-    for _ in range(n):
-        c = Client(port)
-        seen[c.greeting()] += 1
-        c.close()
-    return seen
 
 
 def weights(running: RunningProxy) -> dict[str, int]:
@@ -91,7 +82,7 @@ def test_configmap_symlink_swaps_are_each_applied(
             )
         assert running.reload_count("success") == 4  # start-up + 3 swaps
         assert running.reload_count("failure") == 0
-        assert greeted_by(port, 6) == {"v1": 1, "v2": 5}
+        assert greetings(port, 6) == {"v1": 1, "v2": 5}
     finally:
         running.shutdown()
 
@@ -130,10 +121,10 @@ def test_half_written_file_is_rejected_then_the_complete_one_applied(
         wait_until(lambda: running.reload_count("failure") == 1, what="half file rejected")
         # The old config keeps serving meanwhile.
         assert weights(running) == {"v1": 1, "v2": 0}
-        assert greeted_by(port, 2) == {"v1": 2}
+        assert greetings(port, 2) == {"v1": 2}
         f.write(full[cut:])
     wait_until(lambda: weights(running) == {"v1": 0, "v2": 1}, what="complete file applied")
-    assert greeted_by(port, 2) == {"v2": 2}
+    assert greetings(port, 2) == {"v2": 2}
 
 
 def test_bad_files_never_replace_the_running_config(backends: Backends, start_proxy: Start) -> None:
@@ -154,7 +145,7 @@ def test_bad_files_never_replace_the_running_config(backends: Backends, start_pr
         assert len(result.problems) == 1
         assert result.problems[0].startswith(str(running.config_path))
         assert running.reload_count("failure") == n
-        assert greeted_by(port, 1) == {"v1": 1}
+        assert greetings(port, 1) == {"v1": 1}
     running.config_path.unlink()  # missing for a moment, as during a swap
     result = running.reload()
     assert result.problems == (f"{running.config_path}: file not found",)
@@ -162,7 +153,7 @@ def test_bad_files_never_replace_the_running_config(backends: Backends, start_pr
     running.write_config(two_backends(port, v1, v2, 0, 1))
     assert running.reload().result == "success"
     assert running.metric("tcpproxy_config_last_reload_successful") == 1
-    assert greeted_by(port, 1) == {"v2": 1}
+    assert greetings(port, 1) == {"v2": 1}
 
 
 def test_same_bytes_again_is_not_a_reload(backends: Backends, start_proxy: Start) -> None:
@@ -195,7 +186,7 @@ def test_weight_flip_keeps_old_connections_pinned(backends: Backends, start_prox
         for i, c in enumerate(old):
             line = f"still on v1 #{i}\n".encode()
             assert c.echo(line) == line
-        assert greeted_by(port, 10) == {"v2": 10}
+        assert greetings(port, 10) == {"v2": 10}
         assert running.backend_stat("app", "v1", "state") == "zero"
         assert len(running.backend_stat("app", "v1", "connections")) == 10
 
@@ -215,7 +206,7 @@ def test_removed_backend_drains_until_its_deadline(backends: Backends, start_pro
         removed_at = time.monotonic()
         assert running.reload().result == "success"
         assert running.backend_stat("app", "v1", "state") == "draining"
-        assert greeted_by(port, 4) == {"v2": 4}
+        assert greetings(port, 4) == {"v2": 4}
         # During the window the draining connections still work.
         for c in on_v1:
             assert c.echo(b"during drain\n") == b"during drain\n"
@@ -283,7 +274,7 @@ def test_backend_put_back_before_deadline_is_active_again(
         time.sleep(1.5)
         for c in held:
             assert c.echo(b"kept\n") == b"kept\n"
-        assert greeted_by(port, 1) == {"v1": 1}
+        assert greetings(port, 1) == {"v1": 1}
 
 
 def test_listener_added_removed_and_moved(backends: Backends, start_proxy: Start) -> None:
@@ -296,11 +287,11 @@ def test_listener_added_removed_and_moved(backends: Backends, start_proxy: Start
     # Add listener b.
     running.write_config(config_yaml(first, listener_yaml("b", b, {"v1": (v1, 1)})))
     assert running.reload().result == "success"
-    assert greeted_by(b, 1) == {"v1": 1}
+    assert greetings(b, 1) == {"v1": 1}
     # Move b to another port: the old port stops accepting.
     running.write_config(config_yaml(first, listener_yaml("b", b2, {"v1": (v1, 1)})))
     assert running.reload().result == "success"
-    assert greeted_by(b2, 1) == {"v1": 1}
+    assert greetings(b2, 1) == {"v1": 1}
     try:
         socket.create_connection(("127.0.0.1", b), timeout=2).close()
         raise AssertionError("old bind still accepts")
@@ -337,7 +328,7 @@ def test_bind_failure_on_reload_keeps_old_config(backends: Backends, start_proxy
         f"listeners[1].bind: cannot listen on 127.0.0.1:{taken}: Address already in use"
     )
     assert running.state(lambda p: sorted(p.listeners)) == ["a"]
-    assert greeted_by(port, 1) == {"v1": 1}
+    assert greetings(port, 1) == {"v1": 1}
 
 
 def test_reload_storm_loses_and_alters_nothing(backends: Backends, start_proxy: Start) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -21,6 +20,7 @@ from tests.harness import (
     RunningProxy,
     config_yaml,
     free_port,
+    greetings,
     listener_yaml,
     wait_until,
 )
@@ -44,15 +44,6 @@ def rollout_yaml(
     )
 
 
-def reached(port: int, n: int) -> Counter[str]:
-    seen: Counter[str] = Counter()
-    for _ in range(n):
-        c = Client(port)
-        seen[c.greeting()] += 1
-        c.close()
-    return seen
-
-
 def rollout_state(running: RunningProxy) -> dict[str, object]:
     def read(proxy: Proxy) -> dict[str, object]:
         rollout = proxy.listeners["app"].rollout
@@ -72,7 +63,7 @@ def test_steps_move_the_share_then_complete_at_100(backends: Backends, start_pro
             partial(lambda want: rollout_state(running)["step"] == want, step), what=f"step {step}"
         )
         # 8 new connections: exactly share% reach v2 (the balancer's window is 4 here).
-        seen = reached(port, 8)
+        seen = greetings(port, 8)
         assert rollout_state(running)["step"] == step, "the step changed while counting"
         observed[share] = seen["v2"] / 8
     assert observed == {25: 0.25, 50: 0.5, 75: 0.75}
@@ -80,7 +71,7 @@ def test_steps_move_the_share_then_complete_at_100(backends: Backends, start_pro
     assert running.metric("tcpproxy_rollout_step", listener="app") == 3
     wait_until(lambda: rollout_state(running)["state"] == "completed", what="completed")
     assert running.metric("tcpproxy_rollout_state", listener="app", state="completed") == 1
-    assert reached(port, 8) == {"v2": 8}
+    assert greetings(port, 8) == {"v2": 8}
 
 
 def test_failures_in_the_new_backend_abort_and_leave_its_connections(
@@ -97,7 +88,7 @@ def test_failures_in_the_new_backend_abort_and_leave_its_connections(
     assert len(on_v2) == 2
     backends.stop("v2")  # v2 now refuses new connections; its open ones live on
     for _ in range(20):
-        reached(port, 2)
+        greetings(port, 2)
         if rollout_state(running)["state"] == "aborted":
             break
         time.sleep(0.3)
@@ -105,7 +96,7 @@ def test_failures_in_the_new_backend_abort_and_leave_its_connections(
     assert state["state"] == "aborted"
     assert state["share"] == 0
     assert "failed" in str(state["reason"]) or "unhealthy" in str(state["reason"])
-    assert reached(port, 6) == {"v1": 6}
+    assert greetings(port, 6) == {"v1": 6}
     for c in on_v2:
         assert c.echo(b"still on v2\n") == b"still on v2\n"
     for c in pinned:
@@ -139,7 +130,7 @@ def test_pause_resume_abort_through_admin_and_cli(
         check=True,
     )
     assert "aborted" in done.stdout
-    assert reached(port, 4) == {"v1": 4}
+    assert greetings(port, 4) == {"v1": 4}
     again = subprocess.run(
         [*cli, "resume", "--admin", address], capture_output=True, text=True, check=False
     )
