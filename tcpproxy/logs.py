@@ -46,4 +46,6 @@ def setup_logging(level: str = "info", fmt: str = "text", access_log: bool = Tru
     root.setLevel(level.upper())
     # aiohttp's own access log would repeat every admin request; ours is per proxied connection.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # watchfiles logs every batch of file events at INFO; our reload line says what matters.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     logging.getLogger("tcpproxy.access").disabled = not access_log
