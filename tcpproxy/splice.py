@@ -83,10 +83,18 @@ class _Direction:
 class SpliceConnection(ConnectionRecord):
     """A proxied connection on raw sockets; the listener sees the same record as ClientSide."""
 
-    def __init__(self, owner: Owner, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        owner: Owner,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        peername: object = None,
+    ) -> None:
         super().__init__(owner)
         self.loop = loop
         self.sock = sock
+        # From accept(): getpeername() fails once a client has already reset.
+        self.peername = peername
         self.upstream_sock: socket.socket | None = None
         self.upstream: object = None  # set when connected (the listener checks it)
         self._up: _Direction | None = None
@@ -97,9 +105,12 @@ class SpliceConnection(ConnectionRecord):
 
     def get_extra_info(self, name: str) -> object:
         if name == "peername":
-            return self.sock.getpeername()
+            return self.peername
         if name == "sockname":
-            return self.sock.getsockname()
+            try:
+                return self.sock.getsockname()
+            except OSError:
+                return None
         return None
 
     @property
@@ -362,7 +373,7 @@ class SpliceServer:
     def _accept(self) -> None:
         for _ in range(64):  # bounded per wake-up, so one busy listener cannot starve the loop
             try:
-                conn_sock, _ = self.sock.accept()
+                conn_sock, peername = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -371,9 +382,13 @@ class SpliceServer:
                     self.loop.remove_reader(self.sock.fileno())
                     self.loop.call_later(0.1, self._resume)
                 return
-            conn_sock.setblocking(False)
-            conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = SpliceConnection(self.owner, conn_sock, self.loop)
+            try:
+                conn_sock.setblocking(False)
+                conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                conn_sock.close()  # reset before we got to it
+                continue
+            conn = SpliceConnection(self.owner, conn_sock, self.loop, peername)
             self.owner.connection_opened(conn)  # type: ignore[arg-type]
 
     def _resume(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -212,3 +213,23 @@ def test_backend_given_by_host_name_is_resolved_at_connect_time(
     running = start_proxy(config_yaml(listener_yaml("w", port, {"v1": (by_name, 1)})))
     assert greetings(port, 3) == {"v1": 3}
     assert running.backend_stat("w", "v1", "literal") is False
+
+
+def test_clients_resetting_at_once_leave_nothing_behind(
+    backends: Backends,
+    start_proxy: Callable[[str], RunningProxy],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression (found by the soak): a client that resets before the proxy looks at it
+    made the splice engine's accept callback raise, leaking the connection."""
+    caplog.set_level(logging.INFO, logger="tcpproxy.access")  # the access log reads peers
+    v1 = backends.start("v1")
+    port = free_port()
+    running = start_proxy(config_yaml(listener_yaml("w", port, {"v1": (v1, 1)})))
+    for _ in range(50):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    assert greetings(port, 3) == {"v1": 3}
+    wait_until(lambda: running.state(lambda p: p.open_connections) == 0, what="all closed")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
