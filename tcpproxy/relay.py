@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 # the low mark). Together with the kernel's socket buffers this bounds memory per connection.
 WRITE_HIGH_WATER_BYTES = 256 * 1024
 WRITE_LOW_WATER_BYTES = 64 * 1024
+# After both sides' FINs, how long a slow reader gets to take the bytes still buffered for it.
+FLUSH_TIMEOUT_S = 60.0
 # Client bytes held while the backend connection is being set up; past this, stop reading.
 PRECONNECT_BUFFER_BYTES = 256 * 1024
 
@@ -226,10 +228,12 @@ class ClientSide(ConnectionRecord, asyncio.Protocol):
         self._close(reset=False)
 
     def _finish(self) -> None:
-        # Both sides sent FIN and we passed each on: close once the buffers are flushed.
-        self._close(reset=False)
+        # Both sides sent FIN and we passed each on: every byte still buffered is owed to its
+        # reader, so close only after the buffers are flushed (close() does that), and give
+        # up on a reader that takes longer than FLUSH_TIMEOUT_S.
+        self._close(reset=False, flush=True)
 
-    def _close(self, reset: bool) -> None:
+    def _close(self, reset: bool, flush: bool = False) -> None:
         self.closed = True
         if self.connect_task is not None:
             self.connect_task.cancel()
@@ -239,11 +243,15 @@ class ClientSide(ConnectionRecord, asyncio.Protocol):
                 continue
             if reset:
                 _reset(transport)
-            elif transport.get_write_buffer_size():
-                # A peer that stopped reading would hold a graceful close open forever.
-                transport.abort()
-            else:
+            elif not transport.get_write_buffer_size():
                 transport.close()
+            elif flush:
+                transport.close()
+                asyncio.get_running_loop().call_later(FLUSH_TIMEOUT_S, transport.abort)
+            else:
+                # Closed on the proxy's own initiative (drain deadline, idle, shutdown): a
+                # peer that stopped reading must not hold the connection open.
+                transport.abort()
         self.pending = None
         self.owner.connection_closed(self)
 

@@ -326,6 +326,7 @@ class ScriptedBackend(asyncio.Protocol):
         self.to_push = 0
         self.pushed = 0
         self.paused = False
+        self.client_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -361,6 +362,8 @@ class ScriptedBackend(asyncio.Protocol):
         if self.pushed == self.to_push and not self.paused:
             self.transport.write_eof()
             self.to_push = -1
+            if self.client_eof:
+                self.transport.close()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -375,7 +378,9 @@ class ScriptedBackend(asyncio.Protocol):
         if self.mode == "sink":
             self.transport.write(f"{self.count} {self.digest.hexdigest()}\n".encode())
         self.log.append((f"{self.mode}-eof", self.count))
-        return False
+        self.client_eof = True
+        # A push still under way goes on after the client's FIN (half-close); close after it.
+        return self.mode == "push" and self.to_push >= 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.log.append((f"{self.mode}-lost", self.count))

@@ -189,3 +189,28 @@ def test_slow_reader_keeps_proxy_memory_bounded(
     assert received == size
     assert digest.hexdigest() == hashlib.sha256(pattern(size)).hexdigest()
     client.close()
+
+
+def test_slow_reader_gets_every_byte_after_both_fins(
+    scripted: tuple[RunningProxy, list[tuple[str, int]]],
+) -> None:
+    """Regression (found by the soak): the client half-closes, the backend pushes and then
+    sends FIN while the proxy still holds bytes for the slow client; they must all arrive."""
+    running, _ = scripted
+    size = 16_000_000
+    client = Client(running.port("relay"))
+    try:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.sock.sendall(b"push %d\n" % size)
+        client.sock.shutdown(socket.SHUT_WR)
+        digest = hashlib.sha256()
+        received = 0
+        # Slow enough that the proxy always has bytes buffered for us when the FIN comes.
+        while chunk := client.sock.recv(16 * 1024):
+            digest.update(chunk)
+            received += len(chunk)
+            threading.Event().wait(0.0002)
+    finally:
+        client.close()
+    assert received == size
+    assert digest.hexdigest() == hashlib.sha256(pattern(size)).hexdigest()
