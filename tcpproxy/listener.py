@@ -88,6 +88,7 @@ class Listener:
         self.retired = False  # removed from the config; lives on while connections drain
         self.on_empty: asyncio.Event = asyncio.Event()
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_interval: float | None = None
         self._checker: health.HealthChecker | None = None
         self._ordered: list[Backend] = []
         self.rollout: Rollout | None = None
@@ -311,13 +312,16 @@ class Listener:
         if not conns:
             return
         step = -(-len(conns) // DRAIN_CLOSE_STEPS)
+        deadline = backend.drain_deadline
         for i in range(0, len(conns), step):
             delay = DRAIN_CLOSE_WINDOW_S * (i // step) / DRAIN_CLOSE_STEPS
-            self.loop.call_later(delay, self._drain_close, backend, conns[i : i + step])
+            self.loop.call_later(delay, self._drain_close, backend, deadline, conns[i : i + step])
 
-    def _drain_close(self, backend: Backend, conns: list[ClientSide]) -> None:
-        if not backend.draining:
-            return  # put back in the config meanwhile
+    def _drain_close(
+        self, backend: Backend, deadline: float | None, conns: list[ClientSide]
+    ) -> None:
+        if backend.drain_deadline != deadline:
+            return  # put back meanwhile (and maybe removed again: a new deadline)
         for conn in conns:
             if not conn.closed:
                 backend.drain_closed += 1
@@ -349,12 +353,15 @@ class Listener:
     # -- idle timeout: one sweep per listener rather than a timer per connection --
 
     def _schedule_idle_sweep(self) -> None:
+        idle = self.config.idle_timeout
+        interval = min(max(idle / 4, 0.05), IDLE_SWEEP_MAX_S) if idle > 0 else None
         if self._idle_handle is not None:
+            if interval == self._idle_interval:
+                return  # a reload that keeps the timeout must not restart (starve) the sweep
             self._idle_handle.cancel()
             self._idle_handle = None
-        idle = self.config.idle_timeout
-        if idle > 0:
-            interval = min(max(idle / 4, 0.05), IDLE_SWEEP_MAX_S)
+        self._idle_interval = interval
+        if interval is not None:
             self._idle_handle = self.loop.call_later(interval, self._sweep_idle, interval)
 
     def _sweep_idle(self, interval: float) -> None:
@@ -376,6 +383,7 @@ class Listener:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+            self._idle_interval = None
         if self._rollout_handle is not None:
             self._rollout_handle.cancel()
             self._rollout_handle = None

@@ -417,3 +417,55 @@ def test_putting_back_the_running_config_ends_the_failure(
     assert running.reload().result == "success"
     assert running.metric("tcpproxy_config_last_reload_successful") == 1
     assert running.state(lambda p: p.last_failure) is None
+
+
+def test_idle_timeout_holds_while_weights_change_often(
+    start_proxy: Callable[[str], RunningProxy], backends: Backends
+) -> None:
+    address = backends.start("b")
+    port = free_port()
+
+    def config(weight: int) -> str:
+        return config_yaml(listener_yaml("l", port, {"b": (address, weight)}, idle_timeout="400ms"))
+
+    proxy = start_proxy(config(1))  # regression: reloads used to restart (starve) the sweep
+    client = Client(port)
+    assert client.greeting() == "b"
+    # A weight shift every 50 ms for 2 s (a canary script stepping weights): the idle
+    # connection must still be closed about 0.4-0.6 s after its last byte.
+    for i in range(40):
+        proxy.write_config(config(2 + i))
+        assert proxy.reload().result == "success"
+        time.sleep(0.05)
+    closed = client.is_closed(timeout=0.01)
+    client.close()
+    assert closed, "idle for 2 s with idle_timeout 400ms, still open"
+
+
+def test_stale_drain_steps_do_not_close_before_the_new_deadline(
+    start_proxy: Callable[[str], RunningProxy], backends: Backends
+) -> None:
+    a, b = backends.start("a"), backends.start("b")
+    port = free_port()
+
+    def config(with_a: bool, drain: str) -> str:
+        members = {"a": (a, 1), "b": (b, 1)} if with_a else {"b": (b, 1)}
+        return config_yaml(listener_yaml("l", port, members, drain_timeout=drain))
+
+    # Regression: steps of an old drain deadline used to close connections of a backend that
+    # was put back and removed again within the close window.
+    proxy = start_proxy(config(True, "200ms"))
+    with clients(port, 40) as conns:
+        on_a = [c for c in conns if c.greeting() == "a"]
+        assert len(on_a) == 20
+        proxy.write_config(config(False, "200ms"))  # remove a: deadline in 0.2 s
+        proxy.reload()
+        wait_until(lambda: proxy.backend_stat("l", "a", "drain_closed") > 0, what="first step")
+        proxy.write_config(config(True, "200ms"))  # a is back: deadline lifted
+        proxy.reload()
+        proxy.write_config(config(False, "60s"))  # removed again: a new deadline, 60 s away
+        proxy.reload()
+        time.sleep(1.5)  # the rest of the old 1 s close window
+        closed = sum(c.is_closed(timeout=0.01) for c in on_a)
+        first_step = 2  # 20 connections closed in 10 steps of 2
+        assert closed <= first_step, f"{closed} of 20 closed though the deadline is 60 s away"
