@@ -1,0 +1,1 @@
+"""The soak test's pieces: backend process, route configs, clients, ledger, report."""
