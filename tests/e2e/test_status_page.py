@@ -8,14 +8,10 @@ import shutil
 import signal
 import struct
 import subprocess
-from collections.abc import Iterator
-from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pytest
-
-from tests.e2e.test_cli import REPO, Process, http, port_open
+from tests.e2e.processes import REPO, Process, http
 from tests.harness import Client, clients, config_yaml, free_port, listener_yaml, wait_until
 
 # Where a person can look at what the test saw (gitignored).
@@ -105,27 +101,12 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-@pytest.fixture
-def echo_pair() -> Iterator[dict[str, str]]:
-    """Two `tcpproxy echo` processes, v1 and v2."""
-    procs, addresses = [], {}
-    for name in ("v1", "v2"):
-        port = free_port()
-        procs.append(Process("echo", "--listen", f"127.0.0.1:{port}", "--name", name))
-        addresses[name] = f"127.0.0.1:{port}"
-        wait_until(partial(port_open, port), what=f"echo {name} up")
-    yield addresses
-    for p in procs:
-        p.signal(signal.SIGTERM)
-        assert p.wait()[0] == 0
-
-
-def test_status_page_in_headless_chromium(tmp_path: Path, echo_pair: dict[str, str]) -> None:
+def test_status_page_in_headless_chromium(tmp_path: Path, echo_backends: dict[str, str]) -> None:
     port, admin = free_port(), free_port()
     base = f"http://127.0.0.1:{admin}"
     path = tmp_path / "routes" / "tcpproxy.yaml"
     path.parent.mkdir()
-    v1, v2 = echo_pair["v1"], echo_pair["v2"]
+    v1, v2 = echo_backends["v1"], echo_backends["v2"]
 
     def routes(with_old: bool) -> str:
         backends = {"v1": (v1, 3), "v2": (v2, 1), "canary": (v2, 0)}
@@ -191,12 +172,12 @@ def test_status_page_in_headless_chromium(tmp_path: Path, echo_pair: dict[str, s
 
 
 def test_status_page_says_when_the_server_is_gone(
-    tmp_path: Path, echo_pair: dict[str, str]
+    tmp_path: Path, echo_backends: dict[str, str]
 ) -> None:
     """Saved to a file, the page cannot fetch itself: it must say its figures are stale."""
     port, admin = free_port(), free_port()
     path = tmp_path / "tcpproxy.yaml"
-    path.write_text(config_yaml(listener_yaml("shop", port, {"v1": (echo_pair["v1"], 1)})))
+    path.write_text(config_yaml(listener_yaml("shop", port, {"v1": (echo_backends["v1"], 1)})))
     proc = Process("run", "--config", str(path), "--admin", f"127.0.0.1:{admin}", "--no-watch")
     try:
         wait_until(lambda: http(f"http://127.0.0.1:{admin}/readyz")[0] == 200, what="ready")
@@ -214,4 +195,4 @@ def test_status_page_says_when_the_server_is_gone(
     dom = chromium(tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom", saved.as_uri())
     page = Page(dom)
     assert "is-stale" in (page.body.get("class") or "")
-    assert page.backend("v1")[1:3] == [echo_pair["v1"], "1"]  # the last figures stay visible
+    assert page.backend("v1")[1:3] == [echo_backends["v1"], "1"]  # the last figures stay visible
