@@ -187,7 +187,7 @@ class ListenerConfig(_Model):
     # 0 disables the idle timeout.
     idle_timeout: Duration = DEFAULT_IDLE_TIMEOUT_S
     max_connections: StrictInt = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1)
-    # copy: asyncio Protocols (bytes pass through Python); splice: kernel-side os.splice.
+    # copy: bytes pass through one user-space buffer; splice: kernel-side os.splice.
     # Fixed for a listener's life: a change applies when its bind changes or on restart.
     engine: Literal["copy", "splice"] = "copy"
     health_check: HealthCheckConfig | None = None

@@ -10,7 +10,7 @@ from tcpproxy.config import BackendConfig, split_host_port
 from tcpproxy.table import BackendKey
 
 if TYPE_CHECKING:
-    from tcpproxy.relay import ClientSide
+    from tcpproxy.relay import Connection
 
 ACTIVE = "active"
 ZERO = "zero"
@@ -70,7 +70,7 @@ class Backend:
         # Wall-clock (loop.time()) deadline while draining, else None.
         self.drain_deadline: float | None = None
         self.drain_handle: asyncio.TimerHandle | None = None
-        self.connections: set[ClientSide] = set()
+        self.connections: set[Connection] = set()
         self.total = 0
         self.bytes_up_closed = 0
         self.bytes_down_closed = 0

@@ -17,10 +17,10 @@ from tcpproxy import health, proxy_protocol, relay
 from tcpproxy.balancer import SmoothWeightedRoundRobin
 from tcpproxy.config import HealthCheckConfig, ListenerConfig, RolloutConfig, split_host_port
 from tcpproxy.connections import Backend
-from tcpproxy.relay import ClientSide
+from tcpproxy.relay import Connection
 from tcpproxy.resolver import Resolver
 from tcpproxy.rollout import PAUSED, RUNNING, Rollout, Sample, split_weights
-from tcpproxy.splice import SpliceServer
+from tcpproxy.splice import SpliceConnection
 from tcpproxy.table import BackendKey, ListenerPlan, backend_key
 
 if TYPE_CHECKING:
@@ -45,15 +45,10 @@ RESOURCE_LOG_INTERVAL_S = 5.0  # at most one "out of file descriptors" line this
 
 
 class Server(Protocol):
-    """What a listener needs of its listening socket (asyncio's Server or SpliceServer)."""
+    """What a listener needs of its listening socket (relay.Server, or a test's stand-in)."""
 
     def close(self) -> None: ...
     async def start_serving(self) -> None: ...
-
-
-def _time_out(task: asyncio.Task[None], conn: ClientSide) -> None:
-    conn.connect_timed_out = True
-    task.cancel()
 
 
 def classify_connect_error(exc: BaseException) -> str:
@@ -83,7 +78,7 @@ class Listener:
         self.draining: dict[BackendKey, Backend] = {}  # removed, connections still open
         self.balancer: SmoothWeightedRoundRobin[Backend] = SmoothWeightedRoundRobin([])
         self.server: Server | None = None
-        self.connecting: set[ClientSide] = set()
+        self.connecting: set[Connection] = set()
         self.open_connections = 0
         self.retired = False  # removed from the config; lives on while connections drain
         self.on_empty: asyncio.Event = asyncio.Event()
@@ -110,16 +105,8 @@ class Listener:
 
     async def bind(self, bind: str) -> Server:
         host, port = split_host_port(bind)
-        if self.config.engine == "splice":
-            return SpliceServer(self, host, port, LISTEN_BACKLOG)
-        return await self.loop.create_server(
-            lambda: ClientSide(self),
-            host,
-            port,
-            backlog=LISTEN_BACKLOG,
-            reuse_address=True,
-            start_serving=False,
-        )
+        engine = SpliceConnection if self.config.engine == "splice" else Connection
+        return relay.Server(self, host, port, LISTEN_BACKLOG, engine)
 
     def serve(self, server: Server) -> None:
         """Accept on `server` from now on; a previous server (old bind) stops accepting."""
@@ -318,7 +305,7 @@ class Listener:
             self.loop.call_later(delay, self._drain_close, backend, deadline, conns[i : i + step])
 
     def _drain_close(
-        self, backend: Backend, deadline: float | None, conns: list[ClientSide]
+        self, backend: Backend, deadline: float | None, conns: list[Connection]
     ) -> None:
         if backend.drain_deadline != deadline:
             return  # put back meanwhile (and maybe removed again: a new deadline)
@@ -341,7 +328,7 @@ class Listener:
         yield from self.backends.values()
         yield from self.draining.values()
 
-    def live_connections(self) -> Iterator[ClientSide]:
+    def live_connections(self) -> Iterator[Connection]:
         yield from self.connecting
         for backend in self.all_backends():
             yield from backend.connections
@@ -397,11 +384,11 @@ class Listener:
     def pick(self, exclude: list[Backend] | None = None) -> Backend | None:
         return self.balancer.pick(Backend.eligible, exclude or ())
 
-    def connection_opened(self, conn: ClientSide) -> None:
+    def connection_opened(self, conn: Connection) -> None:
         conn.opened_at = self.loop.time()
         self.open_connections += 1
         if self._log_access:
-            conn.peer = conn.transport.get_extra_info("peername")
+            conn.peer = conn.peername
         if self.open_connections > self.config.max_connections:
             self._reject(conn, "max_connections")
             return
@@ -411,26 +398,23 @@ class Listener:
             # timeout: a client that never sends one cannot hold a backend connection.
             conn.awaiting_header = True
             self.connecting.add(conn)
-            conn.connect_task = self.loop.create_task(self._await_header(conn))
+            conn.timer = self.loop.call_later(
+                self.config.connect_timeout, self._header_timed_out, conn
+            )
             return
         if pp is not None and pp.send and conn.peer is None:
-            conn.peer = conn.transport.get_extra_info("peername")
+            conn.peer = conn.peername
         self._start_connect(conn)
 
-    def _start_connect(self, conn: ClientSide) -> None:
+    def _start_connect(self, conn: Connection) -> None:
         backend = self.pick()
         if backend is None:
             self._reject(conn, "no_backend")
             return
         self.connecting.add(conn)
-        conn.connect_task = self.loop.create_task(self._connect(conn, backend))
+        self._attempt(conn, backend)
 
-    async def _await_header(self, conn: ClientSide) -> None:
-        await asyncio.sleep(self.config.connect_timeout)
-        conn.connect_task = None
-        self._reject(conn, "proxy_protocol")
-
-    def header_received(self, conn: ClientSide) -> None:
+    def header_received(self, conn: Connection) -> None:
         data = b"".join(conn.pending or ())
         try:
             header = proxy_protocol.parse(data)
@@ -441,74 +425,95 @@ class Listener:
         if header is None:
             return
         conn.awaiting_header = False
-        if conn.connect_task is not None:
-            conn.connect_task.cancel()
-            conn.connect_task = None
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
         self.connecting.discard(conn)
         rest = data[header.length :]
         conn.pending = [rest] if rest else None
         conn.pending_bytes = len(rest)
-        conn.peer = header.source or conn.transport.get_extra_info("peername")
+        conn.peer = header.source or conn.peername
         conn.local = header.destination
         self._start_connect(conn)
 
-    def _reject(self, conn: ClientSide, reason: str) -> None:
+    def _header_timed_out(self, conn: Connection) -> None:
+        conn.timer = None
+        self._reject(conn, "proxy_protocol")
+
+    def _reject(self, conn: Connection, reason: str) -> None:
         self._rejected[reason].inc()
         conn.shut("rejected_" + reason)
 
-    async def _connect(self, conn: ClientSide, backend: Backend) -> None:
-        tried: list[Backend] = []
-        timeout = self.config.connect_timeout
-        candidate: Backend | None = backend
-        task = asyncio.current_task()
-        assert task is not None
-        while candidate is not None and len(tried) < MAX_CONNECT_ATTEMPTS:
-            target = candidate
-            # A timer that cancels the task is cheaper per connection than asyncio.timeout().
-            timer = self.loop.call_later(timeout, _time_out, task, conn)
-            try:
-                host = target.host
-                if not target.literal:
-                    host = await self.resolver.next_address(host, target.port)
-                await conn.open_upstream(target, host, target.port)
-            except asyncio.CancelledError:
-                timer.cancel()
-                if not conn.connect_timed_out:
-                    raise  # the client went away
-                conn.connect_timed_out = False
-                task.uncancel()
-                self._connect_failed(target, "timeout")
-                tried.append(target)
-                candidate = self.pick(tried)
-                continue
-            except OSError as exc:
-                timer.cancel()
-                if exc.errno in LOCAL_RESOURCE_ERRNOS:
-                    # Out of file descriptors or memory here: not the backend's fault, so no
-                    # failure is held against it, and another backend would fail the same way.
-                    self._resource_exhausted(exc)
-                    break
-                self._connect_failed(target, classify_connect_error(exc))
-                tried.append(target)
-                candidate = self.pick(tried)
-                continue
-            timer.cancel()
-            return
-        conn.connect_task = None
-        self._rejected["connect_failed"].inc()
-        conn.shut(relay.CONNECT_FAILED)
+    # Connecting is callbacks, not a coroutine: a Task per connection costs more CPU than
+    # the rest of the accept path (benchmarks/README.md).
 
-    def _resource_exhausted(self, exc: OSError) -> None:
+    def _attempt(self, conn: Connection, backend: Backend) -> None:
+        conn.target = backend
+        conn.timer = self.loop.call_later(
+            self.config.connect_timeout, self._connect_timed_out, conn
+        )
+        if not backend.literal:
+            conn.connect_task = self.loop.create_task(self._resolve_and_connect(conn, backend))
+            return
+        try:
+            conn.connect(backend.host, backend.port)
+        except OSError as exc:
+            self.connect_failed(conn, exc)
+
+    async def _resolve_and_connect(self, conn: Connection, backend: Backend) -> None:
+        try:
+            host = await self.resolver.next_address(backend.host, backend.port)
+            conn.connect_task = None
+            conn.connect(host, backend.port)
+        except OSError as exc:
+            conn.connect_task = None
+            self.connect_failed(conn, exc)
+
+    def _connect_timed_out(self, conn: Connection) -> None:
+        conn.timer = None
+        if conn.connect_task is not None:
+            conn.connect_task.cancel()
+            conn.connect_task = None
+        conn.abort_connect()
+        self.connect_failed(conn, TimeoutError(errno.ETIMEDOUT, "connect timed out"))
+
+    def connect_failed(self, conn: Connection, exc: OSError) -> None:
+        """An attempt failed: try the next backend (never one that failed), up to
+        MAX_CONNECT_ATTEMPTS in all."""
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        target = conn.target
+        assert target is not None
+        if exc.errno in LOCAL_RESOURCE_ERRNOS:
+            # Out of file descriptors or memory here: not the backend's fault, so no
+            # failure is held against it, and another backend would fail the same way.
+            self._resource_exhausted(exc, "open a backend connection")
+            candidate = None
+        else:
+            self._connect_failed(target, classify_connect_error(exc))
+            conn.tried.append(target)
+            candidate = self.pick(conn.tried)
+        if candidate is None or len(conn.tried) >= MAX_CONNECT_ATTEMPTS:
+            self._rejected["connect_failed"].inc()
+            conn.shut(relay.CONNECT_FAILED)
+            return
+        self._attempt(conn, candidate)
+
+    def _resource_exhausted(self, exc: OSError, doing: str) -> None:
         now = self.loop.time()
         if now - self._last_exhausted_log >= RESOURCE_LOG_INTERVAL_S:
             self._last_exhausted_log = now
             log.error(
-                "%s: cannot open a backend connection: %s (raise the open files limit, "
-                "or lower max_connections)",
+                "%s: cannot %s: %s (raise the open files limit, or lower max_connections)",
                 self.name,
+                doing,
                 os.strerror(exc.errno or 0),
                 extra={"listener": self.name, "reason": "resources"},
             )
+
+    def accept_failed(self, exc: OSError) -> None:
+        self._resource_exhausted(exc, "accept new clients (closing them)")
 
     def _connect_failed(self, target: Backend, reason: str) -> None:
         target.connect_failures[reason] += 1
@@ -522,23 +527,25 @@ class Listener:
             extra={"listener": self.name, "backend": target.name, "reason": reason},
         )
 
-    def connection_established(self, conn: ClientSide) -> None:
+    def connection_established(self, conn: Connection) -> None:
         backend = conn.backend
         assert backend is not None
         self.connecting.discard(conn)
-        conn.connect_task = None
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
         backend.connections.add(conn)
         backend.total += 1
         backend.failure_streak = 0
         pp = self.config.proxy_protocol
-        if pp is not None and pp.send and conn.upstream is not None:
-            # Before any client byte (attach flushes the client's early bytes after this).
+        if pp is not None and pp.send:
+            # Before any client byte (the client's early bytes are written after this).
             peer = conn.peer
-            local = conn.local or conn.transport.get_extra_info("sockname")
+            local = conn.local or conn.sockname()
             if isinstance(peer, tuple) and isinstance(local, tuple):
                 conn.write_first(proxy_protocol.build(pp.send, peer[:2], local[:2]))
 
-    def connection_closed(self, conn: ClientSide) -> None:
+    def connection_closed(self, conn: Connection) -> None:
         self.open_connections -= 1
         self.connecting.discard(conn)
         backend = conn.backend
@@ -556,7 +563,7 @@ class Listener:
         if self._log_access:
             self._write_access_log(conn)
 
-    def _write_access_log(self, conn: ClientSide) -> None:
+    def _write_access_log(self, conn: Connection) -> None:
         backend = conn.backend
         peer = conn.peer
         if isinstance(peer, tuple):

@@ -175,7 +175,7 @@ def test_slow_reader_keeps_proxy_memory_bounded(
         samples.append(running.state(_buffered))
         threading.Event().wait(0.02)
     relayed_while_stalled = running.backend_stat("relay", "s", "bytes_down")
-    limit = relay.WRITE_HIGH_WATER_BYTES + 2 * 1024 * 1024
+    limit = 2 * relay.READ_CHUNK_BYTES + 2 * 1024 * 1024
     assert max(samples) <= limit, samples
     assert relayed_while_stalled < 64 * 1024 * 1024  # far less than the 200 MB offered
     # Now read it all: every byte arrives, in order.
