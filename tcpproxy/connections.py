@@ -97,6 +97,10 @@ class Backend:
     def eligible(self) -> bool:
         return self.drain_deadline is None and self.healthy and not self.ejected
 
+    def eligible_if_panicking(self) -> bool:
+        """Eligible when every backend is ejected: ejection is then ignored."""
+        return self.drain_deadline is None and self.healthy
+
     def bytes_up(self) -> int:
         return self.bytes_up_closed + sum(c.bytes_up for c in self.connections)
 

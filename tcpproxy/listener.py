@@ -93,6 +93,7 @@ class Listener:
         self._history_handle: asyncio.TimerHandle | None = None
         self.resolver = Resolver(self.loop.getaddrinfo, self.loop.time)
         self._last_exhausted_log = -RESOURCE_LOG_INTERVAL_S
+        self._last_panic_log = -RESOURCE_LOG_INTERVAL_S
         self._rejected = {
             reason: metrics.rejected.labels(self.name, reason)
             for reason in ("no_backend", "max_connections", "connect_failed", "proxy_protocol")
@@ -382,7 +383,26 @@ class Listener:
     # -- connections (relay.Owner) --
 
     def pick(self, exclude: list[Backend] | None = None) -> Backend | None:
-        return self.balancer.pick(Backend.eligible, exclude or ())
+        backend = self.balancer.pick(Backend.eligible, exclude or ())
+        if backend is None:
+            # Passive ejection alone never empties a listener: when every candidate is
+            # ejected (all refused for a moment, as in a rolling restart), trying them beats
+            # refusing every client until the ejections expire.
+            backend = self.balancer.pick(Backend.eligible_if_panicking, exclude or ())
+            if backend is not None:
+                self._log_panic()
+        return backend
+
+    def _log_panic(self) -> None:
+        now = self.loop.time()
+        if now - self._last_panic_log >= RESOURCE_LOG_INTERVAL_S:
+            self._last_panic_log = now
+            log.warning(
+                "%s: every backend with weight is ejected: sending new connections to them "
+                "anyway",
+                self.name,
+                extra={"listener": self.name, "reason": "panic"},
+            )
 
     def connection_opened(self, conn: Connection) -> None:
         conn.opened_at = self.loop.time()

@@ -48,6 +48,28 @@ def test_passive_ejection_then_the_backend_is_tried_again(
     assert refused() == 2
 
 
+def test_when_every_backend_is_ejected_they_are_tried_anyway(
+    backends: Backends, start_proxy: Callable[[str], RunningProxy]
+) -> None:
+    """A rolling restart: both backends refuse for a moment and get ejected for a long
+    time; once they listen again, clients are served before the ejections expire."""
+    ports = {"v1": free_port(), "v2": free_port()}
+    port = free_port()
+    listener = listener_yaml("w", port, {n: (f"127.0.0.1:{p}", 1) for n, p in ports.items()})
+    running = start_proxy(
+        config_yaml(with_block(listener, "ejection:\n  consecutive_failures: 1\n  duration: 1h"))
+    )
+    client = Client(port)
+    assert client.read_line() == ""  # refused by both: closed
+    client.close()
+    for name in ports:
+        assert running.backend_stat("w", name, "state") == "unhealthy"
+    for name, backend_port in ports.items():
+        backends.start(name, port=backend_port)
+    assert greetings(port, 4) == {"v1": 2, "v2": 2}
+    assert running.backend_stat("w", "v1", "state") == "unhealthy"  # still ejected
+
+
 def test_active_checks_take_a_dead_backend_out_and_bring_it_back(
     backends: Backends, start_proxy: Callable[[str], RunningProxy]
 ) -> None:
