@@ -398,8 +398,7 @@ class Listener:
         if now - self._last_panic_log >= RESOURCE_LOG_INTERVAL_S:
             self._last_panic_log = now
             log.warning(
-                "%s: every backend with weight is ejected: sending new connections to them "
-                "anyway",
+                "%s: every backend with weight is ejected: sending new connections to them anyway",
                 self.name,
                 extra={"listener": self.name, "reason": "panic"},
             )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from tcpproxy.connections import Backend
+
+log = logging.getLogger("tcpproxy")
 
 # One read; also the most a direction holds in user space while its destination is full.
 READ_CHUNK_BYTES = 256 * 1024
@@ -109,7 +112,10 @@ class Poller:
         handlers = self._handlers
         for fd, events in self._epoll.poll(0, _MAX_EVENTS):
             if fd not in closed:
-                handlers[fd](events)
+                try:
+                    handlers[fd](events)
+                except Exception:  # a bug; the rest of the batch must still run (edge-triggered)
+                    log.exception("tcpproxy: error handling socket events")
 
 
 _POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = weakref.WeakKeyDictionary()
