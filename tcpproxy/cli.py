@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import select
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             setup_logging()
             return run_loop(echo_main(args.name, args.listen))
+        if args.command in ("demo", "run") and not hasattr(select, "epoll"):
+            print(
+                f"tcpproxy: the proxy needs Linux (epoll), not {sys.platform}; "
+                "run the container image instead (README: docker compose)",
+                file=sys.stderr,
+            )
+            return 2
         if args.command == "demo":
             from tcpproxy.demo import demo_config_path, demo_main  # noqa: PLC0415
 
