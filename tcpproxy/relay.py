@@ -37,6 +37,8 @@ PRECONNECT_BUFFER_BYTES = 256 * 1024
 
 # Reads per wake-up before other connections get a turn.
 PUMP_ROUNDS = 4
+# A read smaller than this is written at the end of the event batch, with the others.
+BATCHED_WRITE_MAX_BYTES = 16 * 1024
 _MAX_EVENTS = 512
 
 _WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -89,6 +91,8 @@ class Poller:
         # Descriptors closed during the batch being dispatched: their remaining events in
         # it are stale (and the number may already belong to a new socket).
         self._closed: set[int] = set()
+        self.writes: list[tuple[Connection, Direction]] = []  # held until the batch's end
+        self.dispatching = False  # (a read outside a batch is written at once)
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     @classmethod
@@ -111,12 +115,24 @@ class Poller:
         closed = self._closed
         closed.clear()
         handlers = self._handlers
+        self.dispatching = True
         for fd, events in self._epoll.poll(0, _MAX_EVENTS):
             if fd not in closed:
                 try:
                     handlers[fd](events)
                 except Exception:  # a bug; the rest of the batch must still run (edge-triggered)
                     log.exception("tcpproxy: error handling socket events")
+        # Small reads were held back (Connection._pump): write them now, after every read
+        # of the batch, so the peers we wake do not preempt us between reads.
+        writes = self.writes
+        while writes:
+            conn, d = writes.pop()
+            if d.rest and not conn.closed:
+                try:
+                    conn._flush(d)
+                except Exception:
+                    log.exception("tcpproxy: error handling socket events")
+        self.dispatching = False
 
 
 _POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = weakref.WeakKeyDictionary()
@@ -370,6 +386,11 @@ class Connection:
                 self.bytes_up += n
             else:
                 self.bytes_down += n
+            if n < BATCHED_WRITE_MAX_BYTES and not d.ready and self.poller.dispatching:
+                # A small read, all there was: write it with the rest of the batch's writes.
+                d.rest = _VIEW[:n].tobytes()
+                self.poller.writes.append((self, d))
+                return
             try:
                 sent = d.dst.send(_VIEW[:n])
             except BlockingIOError:

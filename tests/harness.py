@@ -312,6 +312,7 @@ class ScriptedBackend(asyncio.Protocol):
 
     - `push N`: send N pattern bytes (honouring flow control), then FIN; keep reading and
       record what arrives after our FIN in `log` (half-close the other way).
+    - `stream N`: the same without the FIN: the connection stays open and silent.
     - `sink`: read until the client's FIN, then answer `COUNT SHA256` and FIN.
     - `reset`: wait for the next bytes, then reset the connection.
     """
@@ -340,7 +341,7 @@ class ScriptedBackend(asyncio.Protocol):
             line, _, data = self.buffer.partition(b"\n")
             command, *args = line.decode().split()
             self.mode = command
-            if command == "push":
+            if command in ("push", "stream"):
                 self.to_push = int(args[0])
                 self._push()
             if not data:
@@ -359,7 +360,7 @@ class ScriptedBackend(asyncio.Protocol):
             n = min(PUSH_CHUNK_BYTES, self.to_push - self.pushed)
             self.transport.write(pattern(n, self.pushed))
             self.pushed += n
-        if self.pushed == self.to_push and not self.paused:
+        if self.pushed == self.to_push and not self.paused and self.mode == "push":
             self.transport.write_eof()
             self.to_push = -1
             if self.client_eof:
@@ -370,7 +371,7 @@ class ScriptedBackend(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.mode == "push" and self.to_push >= 0:
+        if self.mode in ("push", "stream") and self.to_push >= 0:
             self._push()
 
     def eof_received(self) -> bool:

@@ -90,6 +90,26 @@ def test_echo_is_byte_exact_for_any_chunking(echo_proxy: RunningProxy, chunks: l
         client.close()
 
 
+def test_a_burst_arrives_whole_with_no_later_event_to_flush_it(
+    scripted: tuple[RunningProxy, list[tuple[str, int]]],
+) -> None:
+    """The backend sends a burst and falls silent (no FIN): every byte, the tail included,
+    must reach the client without a later event on any socket to push it out."""
+    running, _ = scripted
+    for size in (8 * 1024 * 1024 + 123, 3 * 1024 * 1024 + 7):
+        client = Client(running.port("relay"), timeout=10)
+        try:
+            client.sock.sendall(b"stream %d\n" % size)
+            got = bytearray()
+            while len(got) < size:
+                chunk = client.sock.recv(1 << 20)
+                assert chunk, f"closed after {len(got)} of {size} bytes"
+                got += chunk
+            assert bytes(got) == pattern(size)
+        finally:
+            client.close()
+
+
 def test_upstream_bytes_arrive_exactly_and_backend_answers_after_client_fin(
     scripted: tuple[RunningProxy, list[tuple[str, int]]],
 ) -> None:
