@@ -8,7 +8,8 @@ Linux only (epoll; the CLI says so elsewhere).
 
 Flow control is one chunk deep: when the destination does not take a whole chunk, the rest is
 kept and the source is not read again until it is written. So the proxy never holds more than
-one chunk per direction; the kernel's socket buffers do the rest.
+one chunk per direction; the kernel's socket buffers do the rest. Small reads are written at
+the end of the event batch, after all its reads: each write wakes a peer that may preempt us.
 """
 
 from __future__ import annotations
