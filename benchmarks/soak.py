@@ -51,7 +51,7 @@ from soaklib.ledger import Facts, ProxyLog, classify
 from soaklib.report import Check
 from soaklib.routes import AUX, BACKEND_NAMES, MAIN, ListenerSpec, RouteSpec
 from tcpbench.peers import machine_info
-from tcpbench.procs import Processes, StartError, free_port, raise_nofile
+from tcpbench.procs import Processes, StartError, listen_port, raise_nofile
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -400,13 +400,13 @@ class Soak:
             f"soak ({m.name}): {m.duration_s:.0f}s of load, seed {self.seed}, "
             f"workdir {self.workdir}"
         )
-        ports = {MAIN: free_port(), AUX: free_port(), "aux2": free_port()}
+        ports = {MAIN: listen_port(), AUX: listen_port(), "aux2": listen_port()}
         for name in BACKEND_NAMES:
-            await self.ctl.start_backend(name, free_port(), 1)
+            await self.ctl.start_backend(name, listen_port(), 1)
             self.say(f"backend {name} on :{self.ctl.backends[name].port}")
         spec = self.initial_spec(ports)
         self.ctl.initial(spec, (ports[AUX], ports["aux2"]))
-        admin_port = free_port()
+        admin_port = listen_port()
         async with Admin(f"127.0.0.1:{admin_port}") as admin:
             self.ctl.admin = admin
             await self.ctl.start_proxy(admin_port)

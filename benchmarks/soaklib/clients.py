@@ -128,13 +128,16 @@ class Conn:
                 # Before connect, so the window scale matches the small buffer.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.setblocking(False)
-            # Our address before connecting: a connect that fails (the proxy may reset us
-            # before sock_connect returns, when the backend dies) still matches its log line.
-            sock.bind((HOST, 0))
-            host, port = sock.getsockname()[:2]
-            self.rec.client = f"{host}:{port}"
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                await loop.sock_connect(sock, (HOST, self.rec.port))
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await loop.sock_connect(sock, (HOST, self.rec.port))
+            finally:
+                # Our address even when the connect failed: the proxy may reset us before
+                # sock_connect returns (its backend just died), and its log line must match.
+                with contextlib.suppress(OSError):
+                    host, port = sock.getsockname()[:2]
+                    if port:
+                        self.rec.client = f"{host}:{port}"
             self.reader, self.writer = await asyncio.open_connection(sock=sock, limit=limit)
         except BaseException:
             if self.writer is None:
