@@ -42,7 +42,6 @@ from soaklib.admin import (
     fd_kinds,
     fd_targets,
     metric_sum,
-    rss_kib,
     threads,
 )
 from soaklib.chaos import Controller, wait_exit
@@ -51,7 +50,7 @@ from soaklib.ledger import Facts, ProxyLog, classify
 from soaklib.report import Check
 from soaklib.routes import AUX, BACKEND_NAMES, MAIN, ListenerSpec, RouteSpec
 from tcpbench.peers import machine_info
-from tcpbench.procs import Processes, StartError, listen_port, raise_nofile
+from tcpbench.procs import Processes, StartError, listen_port, raise_nofile, vmrss_kib
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -276,7 +275,7 @@ class Soak:
     async def sample(self, admin: Admin, prev: Samples | None) -> Samples | None:
         pid = self.ctl.proxy_pid
         kinds = fd_kinds(fd_targets(pid))
-        rss = rss_kib(pid)
+        rss = vmrss_kib(pid)
         try:
             status = await admin.status()
             metrics = await admin.metrics()
@@ -365,7 +364,7 @@ class Soak:
             known = set(self.fds_at_start.values())
             extra = {fd: t for fd, t in targets.items() if t not in known}
             self.extra_fds = describe_fds(pid, extra)
-        return {"rss_kib": rss_kib(pid), **fd_kinds(targets), "open_connections": open_conns}
+        return {"rss_kib": vmrss_kib(pid), **fd_kinds(targets), "open_connections": open_conns}
 
     # -- the run -----------------------------------------------------------------------------
 

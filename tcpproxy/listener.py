@@ -10,7 +10,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from tcpproxy import health, proxy_protocol, relay
@@ -382,13 +382,13 @@ class Listener:
 
     # -- connections (relay.Owner) --
 
-    def pick(self, exclude: list[Backend] | None = None) -> Backend | None:
-        backend = self.balancer.pick(Backend.eligible, exclude or ())
+    def pick(self, exclude: Sequence[Backend] = ()) -> Backend | None:
+        backend = self.balancer.pick(Backend.eligible, exclude)
         if backend is None:
             # Passive ejection alone never empties a listener: when every candidate is
             # ejected (all refused for a moment, as in a rolling restart), trying them beats
             # refusing every client until the ejections expire.
-            backend = self.balancer.pick(Backend.eligible_if_panicking, exclude or ())
+            backend = self.balancer.pick(Backend.eligible_if_panicking, exclude)
             if backend is not None:
                 self._log_panic()
         return backend
@@ -511,7 +511,7 @@ class Listener:
             candidate = None
         else:
             self._connect_failed(target, classify_connect_error(exc))
-            conn.tried.append(target)
+            conn.tried += (target,)
             candidate = self.pick(conn.tried)
         if candidate is None or len(conn.tried) >= MAX_CONNECT_ATTEMPTS:
             self._rejected["connect_failed"].inc()

@@ -204,7 +204,7 @@ class Connection:
         self.backend: Backend | None = None  # the backend this connection is pinned to
         self.up = Direction(sock, None, upstream=True)
         self.down: Direction | None = None
-        self.tried: list[Backend] = []  # backends that failed to connect, in order
+        self.tried: tuple[Backend, ...] = ()  # backends that failed to connect, in order
         self.pending: list[bytes] | None = None  # client bytes before the backend is up
         self.pending_bytes = 0
         # The connect timeout (or the PROXY header wait), and a name lookup in progress.

@@ -98,16 +98,6 @@ def metric_sum(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, lbl), v in samples.items() if n == name and want <= set(lbl))
 
 
-def rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def fd_targets(pid: int) -> dict[str, str]:
     """fd -> what it is (`socket:[INODE]`, a path, `anon_inode:[eventpoll]`...)."""
     out = {}

@@ -157,13 +157,14 @@ class Server:
 
     def rss_kib(self) -> int:
         """VmRSS of the process and all its descendants (nginx master + worker)."""
-        return sum(_vmrss_kib(pid) for pid in _tree(self.pid))
+        return sum(vmrss_kib(pid) for pid in _tree(self.pid))
 
     def stop(self) -> None:
         self._owner.stop(self.proc)
 
 
-def _vmrss_kib(pid: int) -> int:
+def vmrss_kib(pid: int) -> int:
+    """VmRSS of one process in KiB; 0 once it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
