@@ -357,7 +357,7 @@ class Listener:
         idle = self.config.idle_timeout
         expired = []
         for conn in self.live_connections():
-            mark = conn.bytes_up + conn.bytes_down + conn.pending_bytes
+            mark = conn.activity_mark()
             if mark != conn.idle_mark:
                 conn.idle_mark = mark
                 conn.idle_since = now
@@ -415,7 +415,7 @@ class Listener:
         if pp is not None and pp.accept:
             # Nothing is connected until the client's PROXY header is in, within the connect
             # timeout: a client that never sends one cannot hold a backend connection.
-            conn.awaiting_header = True
+            conn.await_header()
             self.connecting.add(conn)
             conn.timer = self.loop.call_later(
                 self.config.connect_timeout, self._header_timed_out, conn
@@ -443,7 +443,7 @@ class Listener:
             return
         if header is None:
             return
-        conn.awaiting_header = False
+        conn.header_done()
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None

@@ -225,6 +225,20 @@ class Connection:
         self.closed = False
         poller.watch(sock.fileno(), self._on_client)
 
+    # -- what the listener asks of a connection --
+
+    def await_header(self) -> None:
+        """Hold the client's bytes until a PROXY protocol header is in (header_received)."""
+        self.awaiting_header = True
+
+    def header_done(self) -> None:
+        self.awaiting_header = False
+
+    def activity_mark(self) -> int:
+        """A number that changes whenever bytes move either way, read or written: the idle
+        sweep compares it between sweeps, so the data path pays nothing for idle detection."""
+        return self.bytes_up + self.bytes_down + self.pending_bytes
+
     def sockname(self) -> object:
         try:
             return self.sock.getsockname()
