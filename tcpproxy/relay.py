@@ -10,6 +10,9 @@ Flow control is one chunk deep: when the destination does not take a whole chunk
 kept and the source is not read again until it is written. So the proxy never holds more than
 one chunk per direction; the kernel's socket buffers do the rest. Small reads are written at
 the end of the event batch, after all its reads: each write wakes a peer that may preempt us.
+
+What a connection does at a FIN, a reset or the proxy's own close is decided in lifecycle.py;
+this module moves the bytes and reports what happened.
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import select
 import socket
 import struct
+import termios
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
+
+from tcpproxy.lifecycle import Action, Event, State, is_connected, transition
 
 if TYPE_CHECKING:
     from tcpproxy.connections import Backend
@@ -41,17 +48,19 @@ PUMP_ROUNDS = 4
 # A read smaller than this is written at the end of the event batch, with the others.
 BATCHED_WRITE_MAX_BYTES = 16 * 1024
 _MAX_EVENTS = 512
+# After a peer's reset, how long its last bytes may take to reach the other peer before that
+# one is reset too, and how often the wait looks (there is no event for "acknowledged").
+LAST_BYTES_MAX_S = 5.0
+LAST_BYTES_POLL_MAX_S = 0.05
 
 _WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _READABLE = select.EPOLLIN | _HANGUP
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_ERROR = select.EPOLLERR
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT})
-# Every read lands here and is written at once; only an unsent rest is copied out. One
-# buffer serves every connection: the loop runs one callback at a time.
-_BUFFER = bytearray(READ_CHUNK_BYTES)
-_VIEW = memoryview(_BUFFER)
+_INT = b"\0" * 4
 
 # End reasons as they appear in the access log.
 CLIENT_CLOSED = "client_closed"
@@ -63,10 +72,23 @@ CONNECT_FAILED = "connect_failed"
 IDLE_TIMEOUT = "idle_timeout"
 DRAIN_DEADLINE = "drain_deadline"
 SHUTDOWN = "shutdown"
+INTERNAL_ERROR = "internal_error"  # a bug in the proxy ended it (logged with a traceback)
+
+
+def _queued(sock: socket.socket, request: int) -> int:
+    """Bytes in a socket's receive queue (FIONREAD) or send queue, unacknowledged included
+    (TIOCOUTQ); 0 for a socket that has none or is gone."""
+    try:
+        value: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), request, _INT))[0]
+    except OSError:
+        return 0
+    return value
 
 
 class Owner(Protocol):
     """What a connection reports to (the listener)."""
+
+    name: str
 
     def connection_opened(self, conn: Connection) -> None: ...
     def connection_established(self, conn: Connection) -> None: ...
@@ -92,6 +114,11 @@ class Poller:
         # Descriptors closed during the batch being dispatched: their remaining events in
         # it are stale (and the number may already belong to a new socket).
         self._closed: set[int] = set()
+        # Every read of this loop lands here and is written on at once; only an unsent rest
+        # is copied out. One per poller, never shared: recv_into and send release the GIL,
+        # so two loops in two threads would write into each other's bytes.
+        self.buffer = bytearray(READ_CHUNK_BYTES)
+        self.view = memoryview(self.buffer)
         self.writes: list[tuple[Connection, Direction]] = []  # held until the batch's end
         self.dispatching = False  # (a read outside a batch is written at once)
         loop.add_reader(self._epoll.fileno(), self._dispatch)
@@ -117,32 +144,44 @@ class Poller:
         closed.clear()
         handlers = self._handlers
         self.dispatching = True
-        for fd, events in self._epoll.poll(0, _MAX_EVENTS):
-            if fd not in closed:
-                try:
-                    handlers[fd](events)
-                except Exception:  # a bug; the rest of the batch must still run (edge-triggered)
-                    log.exception("tcpproxy: error handling socket events")
-        # Small reads were held back (Connection._pump): write them now, after every read
-        # of the batch, so the peers we wake do not preempt us between reads.
-        writes = self.writes
-        while writes:
-            conn, d = writes.pop()
-            if d.rest and not conn.closed:
-                try:
-                    conn._flush(d)
-                except Exception:
-                    log.exception("tcpproxy: error handling socket events")
-        self.dispatching = False
+        try:
+            for fd, events in self._epoll.poll(0, _MAX_EVENTS):
+                if fd not in closed:
+                    handler = handlers[fd]
+                    try:
+                        handler(events)
+                    except Exception as exc:  # a bug: end that connection, run the rest
+                        _handler_failed(handler, exc)
+            # Small reads were held back (Connection._pump): write them now, after every read
+            # of the batch, so the peers we wake do not preempt us between reads.
+            writes = self.writes
+            while writes:
+                conn, d = writes.pop()
+                if d.rest and not conn.closed:
+                    try:
+                        conn._flush(d)
+                    except Exception as exc:
+                        conn.fail(exc)
+        finally:
+            self.dispatching = False
+
+
+def _handler_failed(handler: Callable[[int], None], exc: Exception) -> None:
+    conn = getattr(handler, "__self__", None)
+    if isinstance(conn, Connection):
+        conn.fail(exc)
+    else:
+        log.error("tcpproxy: error handling socket events", exc_info=exc)
 
 
 _POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = weakref.WeakKeyDictionary()
 
 
 class Direction:
-    """One way: src socket -> dst socket."""
+    """One way: src socket -> dst socket. Byte-level facts only; what the connection does
+    about them is its lifecycle state."""
 
-    __slots__ = ("dst", "eof", "hup", "in_pipe", "pipe", "ready", "rest", "shut", "src", "upstream")
+    __slots__ = ("dst", "eof", "hup", "in_pipe", "pipe", "ready", "rest", "src", "upstream")
 
     def __init__(self, src: socket.socket, dst: socket.socket | None, upstream: bool) -> None:
         self.src = src
@@ -151,24 +190,24 @@ class Direction:
         # Edge-triggered: src may have bytes (or its FIN) we have not read yet.
         self.ready = False
         self.hup = False  # src's FIN or error was signalled: read on until it shows
-        self.rest: bytes = b""  # read from src, not yet taken by dst
+        # Read from src, not yet taken by dst (a memoryview after a partial write, so that
+        # a slow reader costs no copy per write).
+        self.rest: bytes | memoryview = b""
         self.pipe: tuple[int, int] | None = None  # the splice engine's
         self.in_pipe = 0  # bytes in that pipe
-        self.eof = False  # src sent FIN
-        self.shut = False  # FIN passed on to dst
+        self.eof = False  # src sent FIN (or is gone): never read again
 
 
 class Connection:
-    """A proxied connection: the client socket, its backend socket, and what the listener
-    keeps about it (byte counts, end reason, the backend it is pinned to)."""
+    """A proxied connection: the client socket, its backend socket, its lifecycle state,
+    and what the listener keeps about it (byte counts, end reason, its backend)."""
 
     __slots__ = (
-        "awaiting_header",
         "backend",
         "bytes_down",
         "bytes_up",
-        "closed",
         "connect_task",
+        "deadline",
         "down",
         "idle_mark",
         "idle_since",
@@ -183,6 +222,7 @@ class Connection:
         "poller",
         "reason",
         "sock",
+        "state",
         "target",
         "timer",
         "tried",
@@ -197,47 +237,58 @@ class Connection:
         self.poller = poller
         self.loop = poller.loop
         self.sock = sock
+        self.state = State.ACCEPTED
         # From accept(): getpeername() fails once a client has already reset.
         self.peername = peername
         self.upstream: socket.socket | None = None  # the backend socket, once connecting
-        self.target: Backend | None = None  # the backend being connected to
-        self.backend: Backend | None = None  # the backend this connection is pinned to
+        # The listener's: the backend picked (kept through retries) and the one connected.
+        self.target: Backend | None = None
+        self.backend: Backend | None = None
         self.up = Direction(sock, None, upstream=True)
         self.down: Direction | None = None
-        self.tried: tuple[Backend, ...] = ()  # backends that failed to connect, in order
+        self.tried: tuple[Backend, ...] = ()  # the listener's: backends that failed to connect
         self.pending: list[bytes] | None = None  # client bytes before the backend is up
         self.pending_bytes = 0
-        # The connect timeout (or the PROXY header wait), and a name lookup in progress.
+        # The connect timeout (or the PROXY header wait; while closing, the delivery wait),
+        # and a name lookup in progress.
         self.timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
-        # True while a required PROXY protocol header has not fully arrived.
-        self.awaiting_header = False
+        self.deadline = 0.0  # while closing: when the last bytes stop being waited for
         self.bytes_up = 0
         self.bytes_down = 0
-        # Idle detection compares byte counts between sweeps (see Listener._sweep_idle), so
-        # the data path pays nothing for it.
+        # The idle sweep's bookkeeping (activity_mark at the last sweep, and since when).
         self.idle_mark = -1
         self.idle_since = 0.0
         self.opened_at = 0.0
         self.peer: object = None
         self.local: object = None  # the address the client reached, from a PROXY header
         self.reason: str | None = None
-        self.closed = False
         poller.watch(sock.fileno(), self._on_client)
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
 
     # -- what the listener asks of a connection --
 
     def await_header(self) -> None:
         """Hold the client's bytes until a PROXY protocol header is in (header_received)."""
-        self.awaiting_header = True
+        self._event(Event.AWAIT_HEADER)
 
     def header_done(self) -> None:
-        self.awaiting_header = False
+        """The header is in; the next step is connect() (or shut())."""
 
     def activity_mark(self) -> int:
-        """A number that changes whenever bytes move either way, read or written: the idle
-        sweep compares it between sweeps, so the data path pays nothing for idle detection."""
-        return self.bytes_up + self.bytes_down + self.pending_bytes
+        """A number that grows whenever bytes move either way, read or written on, for the
+        idle sweep to compare between sweeps (so the data path pays nothing for it). A read
+        counts, and so does each byte the peer takes: held here, then queued in the kernel,
+        then acknowledged, so a slow reader that keeps reading is never idle."""
+        moved = self.bytes_up + self.bytes_down + self.pending_bytes
+        mark = 2 * moved - self.buffered_bytes()
+        for sock in (self.sock, self.upstream):
+            if sock is not None:
+                mark -= _queued(sock, termios.TIOCOUTQ)
+        return mark
 
     def sockname(self) -> object:
         try:
@@ -245,9 +296,28 @@ class Connection:
         except OSError:
             return None
 
+    # -- the lifecycle: every change of state goes through here --
+
+    def _event(self, event: Event, holding: bool = False) -> None:
+        self.state, action = transition(self.state, event, holding)
+        if action is Action.NONE:
+            return
+        if action is Action.FIN_TO_BACKEND or action is Action.FIN_TO_CLIENT:
+            sock = self.upstream if action is Action.FIN_TO_BACKEND else self.sock
+            assert sock is not None
+            with contextlib.suppress(OSError):  # a reset meanwhile: its error event follows
+                sock.shutdown(socket.SHUT_WR)
+        elif action is Action.CLOSE or action is Action.RESET:
+            self._close(reset=action is Action.RESET)
+        else:
+            assert self.down is not None
+            self._deliver(self.up if action is Action.DELIVER_TO_BACKEND else self.down)
+
     # -- events --
 
     def _on_client(self, events: int) -> None:
+        if events & _ERROR and self._socket_error(client=True):
+            return
         down = self.down
         if events & _WRITABLE and down is not None and (down.rest or down.in_pipe):
             self._flush(down)
@@ -259,7 +329,8 @@ class Connection:
             if events & _HANGUP:
                 up.hup = True
             if up.dst is None:
-                self._read_early()
+                if not up.eof:
+                    self._read_early()
             elif not (up.rest or up.in_pipe or up.eof):
                 self._pump(up)
 
@@ -268,6 +339,8 @@ class Connection:
         if down is None:
             if events & _WRITABLE:
                 self._connected(events)
+            return
+        if events & _ERROR and self._socket_error(client=False):
             return
         up = self.up
         if events & _WRITABLE and (up.rest or up.in_pipe):
@@ -281,11 +354,24 @@ class Connection:
             if not (down.rest or down.in_pipe or down.eof):
                 self._pump(down)
 
+    def _socket_error(self, client: bool) -> bool:
+        """An error event: a reset (or worse) on that side. Checked first and whatever else
+        the connection is doing: after a FIN no read would come to find it (edge-triggered),
+        and a write that fails first must not hide the peer's last bytes."""
+        sock = self.sock if client else self.upstream
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not err:
+            return False
+        self._lost(OSError(err, os.strerror(err)), client)
+        return True
+
     # -- connecting (the listener picks the backend, retries and times out) --
 
     def connect(self, host: str, port: int) -> None:
-        """Start a non-blocking connect to `target`; the owner hears connection_established
-        or connect_failed. Raises OSError when it fails at once (refused, out of fds)."""
+        """Start a non-blocking connect; the owner hears connection_established or
+        connect_failed. Raises OSError when it fails at once (refused, out of fds)."""
+        self._event(Event.CONNECT)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
@@ -302,7 +388,7 @@ class Connection:
     def abort_connect(self) -> None:
         """Give up the connect in progress (timed out, or the client left)."""
         sock = self.upstream
-        if sock is not None and self.backend is None:
+        if sock is not None and self.state is State.CONNECTING:
             self.upstream = None
             self.poller.forget(sock.fileno())
             sock.close()
@@ -315,8 +401,9 @@ class Connection:
             self.abort_connect()
             self.owner.connect_failed(self, OSError(err, f"connect: {errno.errorcode[err]}"))
             return
-        assert self.target is not None
-        self.backend = self.target
+        self._event(Event.CONNECTED)
+        if self.backend is None:
+            self.backend = self.target
         up = self.up
         up.dst = sock
         self.down = down = Direction(sock, self.sock, upstream=False)
@@ -328,10 +415,13 @@ class Connection:
         if self.closed:
             return
         if self.pending:
-            up.rest = b"".join(self.pending)
+            early = b"".join(self.pending)
+            # After a PROXY header the socket did not take whole (write_first).
+            up.rest = bytes(up.rest) + early if up.rest else early
             self.bytes_up += self.pending_bytes
             self.pending = None
             self.pending_bytes = 0
+        if up.rest:
             self._flush(up)
         elif up.eof:
             self._pass_fin(up)
@@ -341,10 +431,14 @@ class Connection:
             self._pump(down)
 
     def write_first(self, data: bytes) -> None:
-        """Bytes for the backend before any client byte (a PROXY header): small, and a
-        fresh socket's buffer takes them whole."""
+        """Bytes for the backend before any client byte (a PROXY header). A fresh socket
+        takes them whole; what it does not is held and written before the client's bytes."""
         assert self.upstream is not None
-        self.upstream.sendall(data)
+        try:
+            sent = self.upstream.send(data)
+        except BlockingIOError:
+            sent = 0
+        self.up.rest = data[sent:]
 
     # -- before the backend is up: hold what the client sends --
 
@@ -373,7 +467,7 @@ class Connection:
             self.pending.append(data)
             self.pending_bytes += len(data)
             got = True
-        if got and self.awaiting_header:
+        if got and self.state is State.AWAITING_HEADER:
             self.owner.header_received(self)
 
     # -- the data path --
@@ -381,9 +475,12 @@ class Connection:
     def _pump(self, d: Direction) -> None:
         """src has bytes: read and write them on at once, until src is empty or dst full."""
         assert d.dst is not None
+        poller = self.poller
+        buffer = poller.buffer
+        view = poller.view
         for _ in range(PUMP_ROUNDS):
             try:
-                n = d.src.recv_into(_BUFFER)
+                n = d.src.recv_into(buffer)
             except BlockingIOError:
                 d.ready = False
                 return
@@ -401,13 +498,13 @@ class Connection:
                 self.bytes_up += n
             else:
                 self.bytes_down += n
-            if n < BATCHED_WRITE_MAX_BYTES and not d.ready and self.poller.dispatching:
+            if n < BATCHED_WRITE_MAX_BYTES and not d.ready and poller.dispatching:
                 # A small read, all there was: write it with the rest of the batch's writes.
-                d.rest = _VIEW[:n].tobytes()
-                self.poller.writes.append((self, d))
+                d.rest = view[:n].tobytes()
+                poller.writes.append((self, d))
                 return
             try:
-                sent = d.dst.send(_VIEW[:n])
+                sent = d.dst.send(view[:n])
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
@@ -415,7 +512,7 @@ class Connection:
                 return
             if sent < n:
                 # dst is full: keep the rest; its next writable event goes on from there.
-                d.rest = _VIEW[sent:n].tobytes()
+                d.rest = view[sent:n].tobytes()
                 return
             if not d.ready:
                 return
@@ -423,22 +520,28 @@ class Connection:
         self.loop.call_soon(self._resume, d)
 
     def _resume(self, d: Direction) -> None:
-        if d.ready and not (self.closed or d.rest or d.in_pipe or d.eof):
-            self._pump(d)
+        if d.ready and not (self.state is State.CLOSED or d.rest or d.in_pipe or d.eof):
+            try:
+                self._pump(d)
+            except Exception as exc:  # not under the poller's guard: the same rule
+                self.fail(exc)
 
     def _flush(self, d: Direction) -> None:
         """dst is writable: write what it did not take before, then go on reading src."""
         assert d.dst is not None
+        rest = d.rest
         try:
-            sent = d.dst.send(d.rest)
+            sent = d.dst.send(rest)
         except BlockingIOError:
             return
         except OSError as exc:
             self._lost(exc, client=not d.upstream)
             return
-        d.rest = d.rest[sent:]
-        if d.rest:
+        if sent < len(rest):
+            # Slicing a memoryview copies nothing: a slow reader costs no copy per write.
+            d.rest = (rest if isinstance(rest, memoryview) else memoryview(rest))[sent:]
             return
+        d.rest = b""
         if d.eof:
             self._pass_fin(d)
         elif d.ready:
@@ -451,46 +554,125 @@ class Connection:
             held += len(self.down.rest)
         return held
 
+    def _holding(self) -> bool:
+        """Bytes that closing now would discard: held here, or received and not read yet
+        (a close sends them nowhere)."""
+        if self.buffered_bytes():
+            return True
+        return any(
+            sock is not None and _queued(sock, termios.FIONREAD) > 0
+            for sock in (self.sock, self.upstream)
+        )
+
     def _pass_fin(self, d: Direction) -> None:
-        if d.shut:
-            return
-        d.shut = True
+        """src sent FIN and every byte before it is written to dst."""
+        if self.state is State.CLOSING:
+            return  # the delivery wait (_closing_tick) sees it
         if self.reason is None:
             self.reason = CLIENT_CLOSED if d.upstream else BACKEND_CLOSED
+        self._event(Event.CLIENT_DONE if d.upstream else Event.BACKEND_DONE)
+
+    # -- a peer's reset: deliver its last bytes to the other, then reset that one --
+
+    def _take_pipe(self, d: Direction) -> bytes:
+        """Hook: the bytes an engine holds for d outside `rest` (the splice engine's pipe)."""
+        return b""
+
+    def _deliver(self, d: Direction) -> None:
+        """d's src reset. Linux still returns what it sent before the reset: read it all,
+        close that side, and write it to dst; _closing_tick resets dst once it is there."""
+        gone, survivor = d.src, d.dst
+        assert survivor is not None
         other = self.down if d.upstream else self.up
-        if other is not None and other.shut:
-            # Both ways done and nothing held here: close() still lets the kernel deliver
-            # what sits in the socket buffers, then sends the FIN.
-            self._close(reset=False)
+        assert other is not None
+        # Nothing more goes to the side that is gone.
+        other.eof = True
+        other.rest = b""
+        self._drop_pipe(other)
+        held = [bytes(d.rest), self._take_pipe(d)]
+        while not d.eof:
+            try:
+                data = gone.recv(READ_CHUNK_BYTES)
+            except OSError:
+                break
+            if not data:
+                break
+            held.append(data)
+            if d.upstream:
+                self.bytes_up += len(data)
+            else:
+                self.bytes_down += len(data)
+        d.eof = True
+        d.ready = False
+        d.rest = b"".join(held)
+        self.poller.forget(gone.fileno())
+        with contextlib.suppress(OSError):
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        gone.close()
+        self.deadline = self.loop.time() + LAST_BYTES_MAX_S
+        if d.rest:
+            self._flush(d)
+        if self.state is State.CLOSING:
+            self._closing_tick(d, 0.001)
+
+    def _drop_pipe(self, d: Direction) -> None:
+        """Hook: give up what an engine holds for d outside `rest`."""
+
+    def _closing_tick(self, d: Direction, wait: float) -> None:
+        self.timer = None
+        if self.state is not State.CLOSING:
             return
         assert d.dst is not None
-        with contextlib.suppress(OSError):
-            d.dst.shutdown(socket.SHUT_WR)
+        delivered = not (d.rest or d.in_pipe) and _queued(d.dst, termios.TIOCOUTQ) == 0
+        if delivered or self.loop.time() >= self.deadline:
+            self._event(Event.DELIVERED)
+            return
+        self.timer = self.loop.call_later(
+            wait, self._closing_tick, d, min(wait * 2, LAST_BYTES_POLL_MAX_S)
+        )
 
     # -- endings --
 
     def shut(self, reason: str) -> None:
-        """Close both sides on the proxy's own initiative (idle, drain, shutdown, rejects)."""
-        if not self.closed:
+        """End both sides on the proxy's own initiative (idle, drain, shutdown, rejects): a
+        FIN when nothing is lost by it, else a reset."""
+        if self.state is not State.CLOSED:
             self.reason = reason
-            self._close(reset=False)
+            self._event(Event.SHUT, self._holding())
+
+    def fail(self, exc: BaseException) -> None:
+        """A bug in a handler: reset this connection rather than leave it stalled."""
+        picked = self.backend or self.target
+        backend = picked.name if picked is not None else None
+        log.error(
+            "%s: resetting a connection from %s to %s after an internal error",
+            self.owner.name,
+            self.peername,
+            backend or "-",
+            exc_info=exc,
+            extra={"listener": self.owner.name, "backend": backend},
+        )
+        if self.state is not State.CLOSED:
+            self.reason = INTERNAL_ERROR
+            self._event(Event.FAIL)
 
     def _lost(self, exc: OSError, client: bool) -> None:
         if self.closed:
             return
-        if self.backend is None:
+        if not is_connected(self.state):
             self.reason = CLIENT_GONE
+        elif self.state is State.CLOSING:
+            pass  # the first reset named the end
         elif exc.errno in _RESET_ERRNOS:
             self.reason = CLIENT_RESET if client else BACKEND_RESET
         else:
             self.reason = self.reason or (CLIENT_CLOSED if client else BACKEND_CLOSED)
-        self._close(reset=True)
+        self._event(Event.CLIENT_RESET if client else Event.BACKEND_RESET)
 
     def _release(self) -> None:
         """Hook for engines that hold more per connection (the splice engine's pipes)."""
 
     def _close(self, reset: bool) -> None:
-        self.closed = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -499,7 +681,7 @@ class Connection:
             self.connect_task = None
         self._release()
         for sock in (self.sock, self.upstream):
-            if sock is None:
+            if sock is None or sock.fileno() < 0:  # none yet, or closed at a reset
                 continue
             self.poller.forget(sock.fileno())
             if reset:

@@ -3,13 +3,15 @@ never copied into Python. Everything but the data path is the copy engine's (rel
 
 Each direction borrows a pipe from a small pool only while it has bytes in flight; a pipe
 that a slow peer leaves full is held (that is the flow control: the fast side is not read
-until the pipe drains).
+until the pipe drains). When no pipe can be had (out of descriptors), the bytes go through
+user space as in the copy engine until one can.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 
 from tcpproxy.relay import PUMP_ROUNDS, Connection, Direction
@@ -19,6 +21,8 @@ SPLICE_CHUNK_BYTES = 1 << 20
 PIPE_POOL_MAX = 64
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+log = logging.getLogger("tcpproxy")
 
 
 class PipePool:
@@ -62,7 +66,13 @@ class SpliceConnection(Connection):
         """src has bytes: move them through the pipe until src is empty or dst full."""
         assert d.dst is not None
         if d.pipe is None:
-            d.pipe = POOL.take()
+            try:
+                d.pipe = POOL.take()
+            except OSError as exc:
+                # Out of descriptors (or pipe memory): copy this round instead of stalling.
+                log.debug("splice: no pipe (%s): copying", exc)
+                Connection._pump(self, d)
+                return
         src = d.src.fileno()
         dst = d.dst.fileno()
         reading = True
@@ -123,6 +133,27 @@ class SpliceConnection(Connection):
         pipe size)."""
         in_pipes = self.up.in_pipe + (self.down.in_pipe if self.down is not None else 0)
         return super().buffered_bytes() + in_pipes
+
+    def _take_pipe(self, d: Direction) -> bytes:
+        """What sits in d's pipe, read out (after a peer's reset: rare, so a copy is fine)."""
+        if d.pipe is None:
+            return b""
+        parts = []
+        with contextlib.suppress(OSError):
+            while d.in_pipe:
+                chunk = os.read(d.pipe[0], d.in_pipe)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                d.in_pipe -= len(chunk)
+        self._drop_pipe(d)
+        return b"".join(parts)
+
+    def _drop_pipe(self, d: Direction) -> None:
+        if d.pipe is not None:
+            close_pipe(d.pipe)
+            d.pipe = None
+        d.in_pipe = 0
 
     def _release(self) -> None:
         for d in (self.up, self.down):

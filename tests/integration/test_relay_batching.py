@@ -16,11 +16,14 @@ import pytest
 import uvloop
 
 from tcpproxy import relay
+from tcpproxy.lifecycle import State
 from tests.harness import pattern
 
 
 class _Owner:
     """The listener's side, reduced to what these tests look at."""
+
+    name = "test"
 
     def __init__(self) -> None:
         self.closed: list[relay.Connection] = []
@@ -76,6 +79,7 @@ def test_a_tail_read_outside_a_batch_is_written_at_once(loop: asyncio.AbstractEv
         upstream_near, backend_far = _pair()  # the proxy's backend socket, and the backend
         conn = relay.Connection(_Owner(), client_near, poller)
         conn.target = _Backend()  # type: ignore[assignment]
+        conn.state = State.CONNECTING  # as after connect(), on a socket made here
         conn.upstream = upstream_near
         poller.watch(upstream_near.fileno(), conn._on_upstream)
         conn._connected(select.EPOLLOUT)
