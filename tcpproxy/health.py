@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from tcpproxy.config import EjectionConfig, HealthCheckConfig
-from tcpproxy.connections import Backend
+from tcpproxy.backend import Backend
 
 log = logging.getLogger("tcpproxy")
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from tcpproxy import health, proxy_protocol, relay
 from tcpproxy.balancer import SmoothWeightedRoundRobin
 from tcpproxy.config import HealthCheckConfig, ListenerConfig, RolloutConfig, split_host_port
-from tcpproxy.connections import Backend
+from tcpproxy.backend import Backend
 from tcpproxy.relay import Connection
 from tcpproxy.resolver import Resolver
 from tcpproxy.rollout import PAUSED, RUNNING, Rollout, Sample, split_weights

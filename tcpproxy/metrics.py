@@ -22,7 +22,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from tcpproxy import __version__
-from tcpproxy.connections import CONNECT_FAILURE_REASONS, Backend
+from tcpproxy.backend import CONNECT_FAILURE_REASONS, Backend
 from tcpproxy.rollout import STATES as ROLLOUT_STATES
 from tcpproxy.rollout import Rollout
 

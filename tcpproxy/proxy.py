@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tcpproxy import relay
 from tcpproxy.config import ConfigError, LoadedConfig, parse_config, read_config_bytes
-from tcpproxy.connections import Backend
+from tcpproxy.backend import Backend
 from tcpproxy.listener import Listener, Server
 from tcpproxy.metrics import DEFAULT_LINGER_S, Metrics
 from tcpproxy.rollout import Rollout

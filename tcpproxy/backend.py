@@ -67,7 +67,8 @@ class Backend:
         self.healthy = True
         self.ejected = False
         self.failure_streak = 0  # consecutive failed connects, for ejection
-        # Wall-clock (loop.time()) deadline while draining, else None.
+        # While draining, when the deadline falls on the loop's clock (loop.time(), monotonic,
+        # not wall-clock); else None.
         self.drain_deadline: float | None = None
         self.drain_handle: asyncio.TimerHandle | None = None
         self.connections: set[Connection] = set()
