@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 from tcpproxy.lifecycle import Action, Event, State, is_connected, transition
 
 if TYPE_CHECKING:
-    from tcpproxy.connections import Backend
+    from tcpproxy.backend import Backend
 
 log = logging.getLogger("tcpproxy")
 
