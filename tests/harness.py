@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import select
 import socket
 import struct
 import threading
@@ -313,6 +314,9 @@ class ScriptedBackend(asyncio.Protocol):
     - `push N`: send N pattern bytes (honouring flow control), then FIN; keep reading and
       record what arrives after our FIN in `log` (half-close the other way).
     - `stream N`: the same without the FIN: the connection stays open and silent.
+    - `flood TAG`: push pattern bytes without end (honouring flow control) until the client's
+      FIN, then FIN after the last of them; log how many were sent as (`flood-sent TAG`, N).
+      For streams that must outlive something of unknown length: the client says when.
     - `sink`: read until the client's FIN, then answer `COUNT SHA256` and FIN.
     - `reset`: wait for the next bytes, then reset the connection.
     """
@@ -328,6 +332,7 @@ class ScriptedBackend(asyncio.Protocol):
         self.pushed = 0
         self.paused = False
         self.client_eof = False
+        self.tag = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -344,6 +349,9 @@ class ScriptedBackend(asyncio.Protocol):
             if command in ("push", "stream"):
                 self.to_push = int(args[0])
                 self._push()
+            elif command == "flood":
+                self.tag = args[0]
+                self._flood()
             if not data:
                 return
         if self.mode == "reset":
@@ -366,6 +374,12 @@ class ScriptedBackend(asyncio.Protocol):
             if self.client_eof:
                 self.transport.close()
 
+    def _flood(self) -> None:
+        assert self.transport is not None
+        while not self.paused and not self.client_eof:
+            self.transport.write(pattern(PUSH_CHUNK_BYTES, self.pushed))
+            self.pushed += PUSH_CHUNK_BYTES
+
     def pause_writing(self) -> None:
         self.paused = True
 
@@ -373,6 +387,8 @@ class ScriptedBackend(asyncio.Protocol):
         self.paused = False
         if self.mode in ("push", "stream") and self.to_push >= 0:
             self._push()
+        elif self.mode == "flood":
+            self._flood()
 
     def eof_received(self) -> bool:
         assert self.transport is not None
@@ -380,8 +396,119 @@ class ScriptedBackend(asyncio.Protocol):
             self.transport.write(f"{self.count} {self.digest.hexdigest()}\n".encode())
         self.log.append((f"{self.mode}-eof", self.count))
         self.client_eof = True
+        if self.mode == "flood":
+            # Closing flushes what is still buffered, then sends our FIN.
+            self.log.append((f"flood-sent {self.tag}", self.pushed))
+            return False
         # A push still under way goes on after the client's FIN (half-close); close after it.
         return self.mode == "push" and self.to_push >= 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.log.append((f"{self.mode}-lost", self.count))
+
+
+# -- for the relay conformance suite (tests/integration/test_relay*.py) --
+
+_TCP_INFO_STATE = 0  # offsets in struct tcp_info (linux/tcp.h)
+_TCP_INFO_RETRANSMITS = 2
+TCP_SYN_SENT = 2
+
+
+def tcp_info(sock: socket.socket) -> tuple[int, int]:
+    """(state, retransmits of the segment at the head of the queue) from TCP_INFO."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    return info[_TCP_INFO_STATE], info[_TCP_INFO_RETRANSMITS]
+
+
+def reset(sock: socket.socket) -> None:
+    """Close abortively: the peer gets an RST, not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def hung_up(sock: socket.socket, timeout: float = WAIT_S) -> bool:
+    """True once the connection has ended under `sock` within `timeout`: poll() reports
+    POLLHUP or POLLERR. The peer's FIN alone sets neither (while we have not shut down our own
+    side), so after the peer's FIN this is how a later reset shows without reading or writing."""
+    poll = select.poll()
+    poll.register(sock, select.POLLHUP | select.POLLERR)
+    return bool(poll.poll(int(timeout * 1000)))
+
+
+def read_to_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything `sock` receives, and how it ended: "eof" (a FIN) or "reset". A stream that
+    neither ends nor sends raises TimeoutError (the socket's own timeout)."""
+    parts = []
+    try:
+        while chunk := sock.recv(1 << 20):
+            parts.append(chunk)
+    except ConnectionResetError:
+        return b"".join(parts), "reset"
+    return b"".join(parts), "eof"
+
+
+def send_pattern(sock: socket.socket, n: int, chunk: int = 1 << 20) -> None:
+    """Send pattern(n) in pieces (no n-byte copy in memory), blocking as flow control says."""
+    for offset in range(0, n, chunk):
+        sock.sendall(pattern(min(chunk, n - offset), offset))
+
+
+def pattern_digest(n: int, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    for offset in range(0, n, chunk):
+        digest.update(pattern(min(chunk, n - offset), offset))
+    return digest.hexdigest()
+
+
+def read_digest(sock: socket.socket) -> tuple[int, str]:
+    """Read to EOF: (byte count, sha256). A reset raises, as it should in the middle of data."""
+    digest = hashlib.sha256()
+    count = 0
+    while chunk := sock.recv(1 << 20):
+        digest.update(chunk)
+        count += len(chunk)
+    return count, digest.hexdigest()
+
+
+class RawBackend:
+    """A backend the test plays itself, over plain blocking sockets: it reads, writes,
+    half-closes or resets exactly when the test says. The proxy connects; `accept` hands the
+    test that connection."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def accept(self, timeout: float = WAIT_S) -> socket.socket:
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        conn.settimeout(WAIT_S)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def full_accept_queue() -> Iterator[str]:
+    """The address of a listening socket whose accept queue is full: Linux drops further SYNs
+    (no RST, no SYN-ACK), so a connect to it hangs until the connector gives up."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    address = server.getsockname()
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(address)
+            fillers.append(s)
+        yield f"127.0.0.1:{address[1]}"
+    finally:
+        for s in fillers:
+            s.close()
+        server.close()
