@@ -61,6 +61,7 @@ _ERROR = select.EPOLLERR
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT})
 _INT = b"\0" * 4
+_RELAYING = frozenset({State.ESTABLISHED, State.CLIENT_HALF_CLOSED, State.BACKEND_HALF_CLOSED})
 
 # End reasons as they appear in the access log.
 CLIENT_CLOSED = "client_closed"
@@ -269,6 +270,11 @@ class Connection:
     def closed(self) -> bool:
         return self.state is State.CLOSED
 
+    @property
+    def relaying(self) -> bool:
+        """Bytes flow both ways as usual (not before the backend is up, nor once ending)."""
+        return self.state in _RELAYING
+
     # -- what the listener asks of a connection --
 
     def await_header(self) -> None:
@@ -321,7 +327,7 @@ class Connection:
         down = self.down
         if events & _WRITABLE and down is not None and (down.rest or down.in_pipe):
             self._flush(down)
-            if self.closed:
+            if not self.relaying:
                 return
         if events & _READABLE:
             up = self.up
@@ -345,7 +351,7 @@ class Connection:
         up = self.up
         if events & _WRITABLE and (up.rest or up.in_pipe):
             self._flush(up)
-            if self.closed:
+            if not self.relaying:
                 return
         if events & _READABLE:
             down.ready = True
@@ -371,6 +377,8 @@ class Connection:
     def connect(self, host: str, port: int) -> None:
         """Start a non-blocking connect; the owner hears connection_established or
         connect_failed. Raises OSError when it fails at once (refused, out of fds)."""
+        if self.closed:
+            return  # ended while a name was looked up
         self._event(Event.CONNECT)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -412,7 +420,7 @@ class Connection:
         down.ready = bool(events & _READABLE)
         down.hup = bool(events & _HANGUP)
         self.owner.connection_established(self)
-        if self.closed:
+        if not self.relaying:
             return
         if self.pending:
             early = b"".join(self.pending)
@@ -438,6 +446,9 @@ class Connection:
             sent = self.upstream.send(data)
         except BlockingIOError:
             sent = 0
+        except OSError as exc:
+            self._lost(exc, client=False)
+            return
         self.up.rest = data[sent:]
 
     # -- before the backend is up: hold what the client sends --
