@@ -4,8 +4,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.harness import Backends, LoopThread, RunningProxy
+
+# Hypothesis times each example (a 200 ms deadline) and its data generation (the too_slow
+# health check): both fail on a slow or loaded machine with nothing wrong in the code.
+settings.register_profile("tcpproxy", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tcpproxy")
 
 
 @pytest.fixture(params=["uvloop"])
