@@ -7,8 +7,8 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
-from tcpproxy.config import EjectionConfig, HealthCheckConfig
 from tcpproxy.backend import Backend
+from tcpproxy.config import EjectionConfig, HealthCheckConfig
 
 log = logging.getLogger("tcpproxy")
 

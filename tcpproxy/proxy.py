@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tcpproxy import relay
-from tcpproxy.config import ConfigError, LoadedConfig, parse_config, read_config_bytes
 from tcpproxy.backend import Backend
+from tcpproxy.config import ConfigError, LoadedConfig, parse_config, read_config_bytes
 from tcpproxy.listener import Listener, Server
 from tcpproxy.metrics import DEFAULT_LINGER_S, Metrics
 from tcpproxy.rollout import Rollout
@@ -235,7 +235,7 @@ class Proxy:
             listener.apply(lp)
 
     def _retired_empty(self, listener: Listener) -> None:
-        if listener.retired and not listener.draining and not listener.backends:
+        if listener.retired and listener.drained:
             listener.cancel_timers()
             if self.retired.get(listener.name) is listener:
                 del self.retired[listener.name]

@@ -1,0 +1,272 @@
+"""A listener's backends: those in the config and those draining, the connections each one
+holds, the balancer over them, their health checks, the rollout that may override two of
+their weights, and the share history of new connections."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from tcpproxy import health
+from tcpproxy.backend import Backend
+from tcpproxy.balancer import SmoothWeightedRoundRobin
+from tcpproxy.config import HealthCheckConfig, ListenerConfig, RolloutConfig
+from tcpproxy.rollout import PAUSED, RUNNING, Rollout, Sample, split_weights
+from tcpproxy.table import BackendKey, backend_key
+
+if TYPE_CHECKING:
+    from tcpproxy.metrics import Metrics
+    from tcpproxy.relay import Connection
+
+log = logging.getLogger("tcpproxy")
+
+ROLLOUT_TICK_MAX_S = 1.0
+# New-connection counts per backend every few seconds, for the status page's share chart.
+HISTORY_INTERVAL_S = 5.0
+HISTORY_SAMPLES = 120
+
+
+class BackendPool:
+    """The live backends of one listener; a draining backend is forgotten once it holds no
+    connection."""
+
+    def __init__(
+        self,
+        listener: str,
+        loop: asyncio.AbstractEventLoop,
+        metrics: Metrics,
+        on_forgotten: Callable[[], None],
+    ) -> None:
+        self.listener = listener
+        self.loop = loop
+        self.metrics = metrics
+        self.backends: dict[BackendKey, Backend] = {}  # in the config now
+        self.draining: dict[BackendKey, Backend] = {}  # removed, connections still open
+        self.balancer: SmoothWeightedRoundRobin[Backend] = SmoothWeightedRoundRobin([])
+        self._ordered: list[Backend] = []
+        self._checker: health.HealthChecker | None = None
+        self.rollout: Rollout | None = None
+        self._rollout_share = 0
+        self._rollout_handle: asyncio.TimerHandle | None = None
+        self._history: deque[tuple[float, dict[str, int]]] = deque(maxlen=HISTORY_SAMPLES)
+        self._history_handle: asyncio.TimerHandle | None = None
+        self._on_forgotten = on_forgotten  # a draining backend was forgotten
+
+    def apply(self, config: ListenerConfig, retired: bool) -> list[Backend]:
+        """Take the backends of `config` (none once the listener is `retired`). Returns the
+        ones it removed, now in `draining`, for the caller to give a drain deadline."""
+        backends = () if retired else config.backends
+        by_key = {backend_key(self.listener, b): b for b in backends}
+        removed = [self.backends.pop(key) for key in list(self.backends) if key not in by_key]
+        for backend in removed:
+            self.draining[backend.key] = backend
+        ordered: list[Backend] = []
+        for key, cfg in by_key.items():
+            current = self.backends.get(key)
+            if current is None:
+                current = self.draining.pop(key, None)
+                if current is not None:
+                    current.stop_draining()
+                else:
+                    current = Backend(self.listener, cfg)
+                self.backends[key] = current
+            backend = current
+            backend.weight = cfg.weight
+            ordered.append(backend)
+        self._ordered = ordered
+        if self._history_handle is None:
+            self._history_handle = self.loop.call_later(HISTORY_INTERVAL_S, self._sample_history)
+        self._configure_rollout(None if retired else config.rollout)
+        self._rebuild_balancer()
+        self._configure_health_checks(None if retired else config.health_check)
+        return removed
+
+    def all_backends(self) -> Iterator[Backend]:
+        yield from self.backends.values()
+        yield from self.draining.values()
+
+    def cancel_timers(self) -> None:
+        if self._rollout_handle is not None:
+            self._rollout_handle.cancel()
+            self._rollout_handle = None
+        if self._history_handle is not None:
+            self._history_handle.cancel()
+            self._history_handle = None
+        self._configure_health_checks(None)
+
+    # -- the connections each backend holds --
+
+    def assign(self, conn: Connection, backend: Backend) -> None:
+        """`conn` is being connected to `backend`: its first pick, or a retry's."""
+        conn.target = backend
+
+    def established(self, conn: Connection) -> None:
+        backend = conn.target
+        assert backend is not None
+        conn.backend = backend
+        backend.connections.add(conn)
+
+    def release(self, conn: Connection) -> None:
+        """`conn` closed: it leaves its backend, whose totals keep what it did."""
+        backend = conn.backend
+        if backend is None:
+            return
+        backend.connections.discard(conn)
+        backend.bytes_up_closed += conn.bytes_up
+        backend.bytes_down_closed += conn.bytes_down
+        reason = conn.reason or "unknown"
+        backend.ends[reason] = backend.ends.get(reason, 0) + 1
+        self.metrics.observe_duration(backend, self.loop.time() - conn.opened_at)
+        self.forget_if_drained(backend)
+
+    def forget_if_drained(self, backend: Backend) -> None:
+        if (
+            backend.draining
+            and not backend.connections
+            and self.draining.get(backend.key) is backend
+        ):
+            if backend.drain_handle is not None:
+                backend.drain_handle.cancel()
+                backend.drain_handle = None
+            del self.draining[backend.key]
+            self.metrics.forget_backend(backend)
+            self._on_forgotten()
+
+    # -- weights, and the rollout that may override two of them --
+
+    def _sample_history(self) -> None:
+        self._history.append((time.time(), {b.name: b.total for b in self._ordered}))
+        self._history_handle = self.loop.call_later(HISTORY_INTERVAL_S, self._sample_history)
+
+    def share_history(self) -> list[dict[str, object]]:
+        """Share of new connections per backend in each interval of the last minutes."""
+        out: list[dict[str, object]] = []
+        samples = [*self._history, (time.time(), {b.name: b.total for b in self._ordered})]
+        for (_, before), (at, after) in itertools.pairwise(samples):
+            new = {name: after[name] - before.get(name, 0) for name in after}
+            total = sum(new.values())
+            shares = {name: n / total for name, n in new.items()} if total else {}
+            out.append({"at": at, "connections": total, "share": shares})
+        return out
+
+    def effective_weight(self, backend: Backend) -> int:
+        rollout = self.rollout
+        if rollout is not None and backend.name in (rollout.config.from_, rollout.config.to):
+            a, b = split_weights(self._rollout_share)
+            return b if backend.name == rollout.config.to else a
+        return backend.weight
+
+    def _rebuild_balancer(self) -> None:
+        self.balancer = SmoothWeightedRoundRobin(
+            [(b, self.effective_weight(b)) for b in self._ordered]
+        )
+
+    def _configure_rollout(self, config: RolloutConfig | None) -> None:
+        current = self.rollout.config if self.rollout is not None else None
+        if config == current:
+            return  # unchanged by this reload: the rollout keeps its state
+        if self._rollout_handle is not None:
+            self._rollout_handle.cancel()
+            self._rollout_handle = None
+        self.rollout = None
+        if config is None:
+            return
+        self.rollout = Rollout(config, time.time())
+        self._rollout_share = self.rollout.share(time.time())
+        log.info(
+            "%s: rollout %s -> %s started at step %d (%d%%)",
+            self.listener,
+            config.from_,
+            config.to,
+            self.rollout.step(time.time()) + 1,
+            self._rollout_share,
+            extra={"listener": self.listener, "rollout": "started"},
+        )
+        self._rollout_tick()
+
+    def _rollout_tick(self) -> None:
+        self._rollout_handle = None
+        rollout = self.rollout
+        if rollout is None:
+            return
+        now = time.time()
+        target = next((b for b in self._ordered if b.name == rollout.config.to), None)
+        if target is not None:
+            failures = sum(target.connect_failures.values())
+            sample = Sample(now, target.total + failures, failures)
+            event = rollout.advance(now, sample, target.up)
+            if event is not None:
+                level = logging.WARNING if event.startswith("aborted") else logging.INFO
+                log.log(
+                    level,
+                    "%s: rollout %s -> %s %s",
+                    self.listener,
+                    rollout.config.from_,
+                    rollout.config.to,
+                    event,
+                    extra={"listener": self.listener, "rollout": rollout.state},
+                )
+        self._apply_rollout_share(now)
+        if rollout.state in (RUNNING, PAUSED):
+            # Tick at the next step boundary (plus a hair), or sooner to check for aborts.
+            tick = ROLLOUT_TICK_MAX_S
+            next_change = rollout.next_change(now)
+            if next_change is not None:
+                tick = min(tick, next_change + 0.001)
+            self._rollout_handle = self.loop.call_later(tick, self._rollout_tick)
+
+    def _apply_rollout_share(self, now: float) -> None:
+        assert self.rollout is not None
+        share = self.rollout.share(now)
+        self.rollout.applied_step = self.rollout.step(now)
+        self.rollout.applied_share = share
+        if share != self._rollout_share:
+            self._rollout_share = share
+            self._rebuild_balancer()
+            log.info(
+                "%s: rollout step %d: %d%% of new connections to %s",
+                self.listener,
+                self.rollout.step(now) + 1,
+                share,
+                self.rollout.config.to,
+                extra={"listener": self.listener, "rollout": self.rollout.state, "share": share},
+            )
+
+    def control_rollout(self, action: str) -> bool:
+        """pause, resume or abort; False when the rollout is not in a state that allows it."""
+        rollout = self.rollout
+        if rollout is None:
+            return False
+        now = time.time()
+        if action == "pause":
+            done = rollout.pause(now)
+        elif action == "resume":
+            done = rollout.resume(now)
+        elif action == "abort":
+            done = rollout.abort("aborted by an operator")
+        else:
+            raise ValueError(action)
+        if done:
+            log.warning(
+                "%s: rollout %s by an operator",
+                self.listener,
+                {"pause": "paused", "resume": "resumed", "abort": "aborted"}[action],
+                extra={"listener": self.listener, "rollout": rollout.state},
+            )
+            self._apply_rollout_share(now)
+        return done
+
+    def _configure_health_checks(self, check: HealthCheckConfig | None) -> None:
+        current = self._checker.check if self._checker is not None else None
+        if check == current:
+            return
+        if self._checker is not None:
+            self._checker.stop()
+            self._checker = None
+        if check is not None:
+            self._checker = health.HealthChecker(self.listener, check, self.backends.values)
