@@ -71,8 +71,11 @@ class Backend:
         # not wall-clock); else None.
         self.drain_deadline: float | None = None
         self.drain_handle: asyncio.TimerHandle | None = None
+        # Every connection picked for this backend and not closed yet, from the pick on:
+        # connecting, established, half-closed or closing. Drain, idle, shutdown, /status and
+        # the metrics all read this set, and a drained backend is forgotten when it is empty.
         self.connections: set[Connection] = set()
-        self.total = 0
+        self.total = 0  # connections that reached it (connected)
         self.bytes_up_closed = 0
         self.bytes_down_closed = 0
         self.drain_closed = 0

@@ -58,7 +58,6 @@ class Connector:
         self.pool = pool
         self.rejections = rejections
         self.resolver = Resolver(loop.getaddrinfo, loop.time)
-        self.connecting: set[Connection] = set()
         self._last_exhausted_log = -RESOURCE_LOG_INTERVAL_S
         self._last_panic_log = -RESOURCE_LOG_INTERVAL_S
 
@@ -89,10 +88,11 @@ class Connector:
         if backend is None:
             self.rejections.reject(conn, "no_backend")
             return
-        self.connecting.add(conn)
         self._attempt(conn, backend)
 
     def _attempt(self, conn: Connection, backend: Backend) -> None:
+        # From here the connection is the backend's, connected or not (drain, shutdown and
+        # /status see it there), until it closes or a retry takes it to another.
         self.pool.assign(conn, backend)
         conn.timer = self.loop.call_later(
             self.config.connect_timeout, self._connect_timed_out, conn
@@ -171,13 +171,12 @@ class Connector:
 
     def established(self, conn: Connection) -> None:
         """The connect completed: `conn` is connected to the backend it was picked for."""
-        self.connecting.discard(conn)
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
-        self.pool.established(conn)
         backend = conn.target
         assert backend is not None
+        conn.backend = backend
         backend.total += 1
         backend.failure_streak = 0
         pp = self.config.proxy_protocol

@@ -39,7 +39,9 @@ class Server(Protocol):
 
 
 class Listener:
-    """One configured listener and everything live under it."""
+    """One configured listener and everything live under it. Its connections are the ones
+    waiting for a PROXY header and those its backends hold: idle sweep, shutdown and /status
+    see exactly those. Once removed from the config it lives on until it holds none."""
 
     def __init__(
         self,
@@ -98,8 +100,9 @@ class Listener:
 
     @property
     def drained(self) -> bool:
-        """Nothing left under it: no backend, configured or draining."""
-        return not (self.pool.backends or self.pool.draining)
+        """Nothing left under it: no backend, configured or draining, and no client waiting
+        for its PROXY header."""
+        return not (self.pool.backends or self.pool.draining or self.admission.waiting)
 
     def _forget_if_drained(self) -> None:
         if self.retired and self.drained:
@@ -137,7 +140,6 @@ class Listener:
 
     def live_connections(self) -> Iterator[Connection]:
         yield from self.admission.waiting
-        yield from self.connector.connecting
         for backend in self.pool.all_backends():
             yield from backend.connections
 
@@ -171,8 +173,9 @@ class Listener:
     def connection_closed(self, conn: Connection) -> None:
         self.open_connections -= 1
         self.admission.discard(conn)
-        self.connector.connecting.discard(conn)
         self.pool.release(conn)
+        if self.retired:
+            self._forget_if_drained()
         if self.open_connections == 0:
             self.on_empty.set()
         if self.access_log is not None:

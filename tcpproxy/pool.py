@@ -32,8 +32,9 @@ HISTORY_SAMPLES = 120
 
 
 class BackendPool:
-    """The live backends of one listener; a draining backend is forgotten once it holds no
-    connection."""
+    """The live backends of one listener. A connection belongs to a backend from the moment
+    it is picked for it (`assign`) until it closes (`release`); a draining backend is
+    forgotten only once it holds none."""
 
     def __init__(
         self,
@@ -102,26 +103,27 @@ class BackendPool:
     # -- the connections each backend holds --
 
     def assign(self, conn: Connection, backend: Backend) -> None:
-        """`conn` is being connected to `backend`: its first pick, or a retry's."""
+        """`conn` belongs to `backend` from now on: its first pick, or a retry's."""
+        previous = conn.target
         conn.target = backend
-
-    def established(self, conn: Connection) -> None:
-        backend = conn.target
-        assert backend is not None
-        conn.backend = backend
         backend.connections.add(conn)
+        if previous is not None and previous is not backend:
+            previous.connections.discard(conn)
+            self.forget_if_drained(previous)
 
     def release(self, conn: Connection) -> None:
-        """`conn` closed: it leaves its backend, whose totals keep what it did."""
-        backend = conn.backend
+        """`conn` closed: it leaves its backend, whose totals keep what it did if it had
+        connected."""
+        backend = conn.target
         if backend is None:
             return
         backend.connections.discard(conn)
-        backend.bytes_up_closed += conn.bytes_up
-        backend.bytes_down_closed += conn.bytes_down
-        reason = conn.reason or "unknown"
-        backend.ends[reason] = backend.ends.get(reason, 0) + 1
-        self.metrics.observe_duration(backend, self.loop.time() - conn.opened_at)
+        if conn.backend is not None:
+            backend.bytes_up_closed += conn.bytes_up
+            backend.bytes_down_closed += conn.bytes_down
+            reason = conn.reason or "unknown"
+            backend.ends[reason] = backend.ends.get(reason, 0) + 1
+            self.metrics.observe_duration(backend, self.loop.time() - conn.opened_at)
         self.forget_if_drained(backend)
 
     def forget_if_drained(self, backend: Backend) -> None:

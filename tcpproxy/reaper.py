@@ -77,6 +77,7 @@ class Reaper:
 
     def _drain_deadline(self, backend: Backend) -> None:
         backend.drain_handle = None
+        # Every connection the backend holds, connecting ones included.
         conns = list(backend.connections)
         if not conns:
             return
@@ -92,6 +93,8 @@ class Reaper:
         if backend.drain_deadline != deadline:
             return  # put back meanwhile (and maybe removed again: a new deadline)
         for conn in conns:
-            if not conn.closed:
+            # (One still connecting at the deadline may have been retried on another
+            # backend since: it is that one's now.)
+            if not conn.closed and conn in backend.connections:
                 backend.drain_closed += 1
                 conn.shut(relay.DRAIN_DEADLINE)
