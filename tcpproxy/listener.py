@@ -67,9 +67,11 @@ class Listener:
 
     # -- lifecycle --
 
-    async def bind(self, bind: str) -> Server:
-        host, port = split_host_port(bind)
-        engine = SpliceConnection if self.config.engine == "splice" else Connection
+    async def bind(self, config: ListenerConfig) -> Server:
+        """A listening socket for `config`: the listener's config in the reload being applied
+        (binding comes before the rest of it is applied), whose engine may have changed."""
+        host, port = split_host_port(config.bind)
+        engine = SpliceConnection if config.engine == "splice" else Connection
         return relay.Server(self, host, port, LISTEN_BACKLOG, engine)
 
     def serve(self, server: Server) -> None:

@@ -190,7 +190,7 @@ class Proxy:
                         or Listener(lp.config, self.metrics, self._retired_empty)
                     )
                     try:
-                        server = await listener.bind(lp.config.bind)
+                        server = await listener.bind(lp.config)
                     except OSError as exc:
                         reason = os_error_text(exc)
                         raise ConfigError(
