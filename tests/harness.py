@@ -49,6 +49,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S, what: str
         time.sleep(0.01)
 
 
+async def sleep_until(when: float) -> None:
+    """On a loop thread: sleep until the loop's clock reads `when`. The loop runs its timers
+    in the order they are due, so every timer due before `when` has run when this returns:
+    a way to wait for "after the proxy's deadline", never for a guessed number of seconds."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, when - loop.time()))
+
+
 class LoopThread:
     """An event loop running forever in a daemon thread."""
 
