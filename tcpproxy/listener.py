@@ -97,7 +97,7 @@ class Listener:
             self.reaper.start_draining(backend, now, config.drain_timeout)
         self.reaper.set_idle_timeout(config.idle_timeout)
         for backend in removed:
-            self.pool.forget_if_drained(backend)  # none to wait for
+            self.pool.forget_if_drained(backend)  # at once if it holds no connection
         self._forget_if_drained()
 
     @property
