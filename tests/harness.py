@@ -12,6 +12,7 @@ import hashlib
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import uvloop
 
 from tcpproxy.demo import EchoProtocol
@@ -47,6 +49,31 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(0.01)
+
+
+class WallClock:
+    """Stands in for the `time` module in tcpproxy's modules: `time()` runs `offset_s` ahead of
+    the real clock, everything else is the real module's. Tests move the proxy's wall clock
+    (a rollout's steps) rather than wait for it, and nothing then races the real one."""
+
+    def __init__(self) -> None:
+        self.offset_s = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def move_wall_clock(monkeypatch: pytest.MonkeyPatch) -> WallClock:
+    """Give every loaded tcpproxy module that reads `time` a WallClock instead (wherever the
+    code that reads it lives); `monkeypatch` puts the real module back after the test."""
+    clock = WallClock()
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "tcpproxy" and getattr(module, "time", None) is time:
+            monkeypatch.setattr(module, "time", clock)
+    return clock
 
 
 async def sleep_until(when: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tcpproxy.pool import ROLLOUT_TICK_MAX_S
 from tcpproxy.proxy import Proxy
 from tests.harness import (
     Backends,
@@ -22,6 +24,8 @@ from tests.harness import (
     free_port,
     greetings,
     listener_yaml,
+    move_wall_clock,
+    sleep_until,
     wait_until,
 )
 from tests.integration import admin_http
@@ -48,17 +52,33 @@ def rollout_state(running: RunningProxy) -> dict[str, object]:
     def read(proxy: Proxy) -> dict[str, object]:
         rollout = proxy.listeners["app"].rollout
         assert rollout is not None
-        return rollout.as_dict(time.time())
+        return rollout.as_dict(time.time())  # the module's `time`: a moved clock if moved
 
     return running.state(read)
 
 
-def test_steps_move_the_share_then_complete_at_100(backends: Backends, start_proxy: Start) -> None:
+def after_a_tick(running: RunningProxy) -> None:
+    """Return once a rollout tick has run after this call began (they run at least every
+    ROLLOUT_TICK_MAX_S, by the proxy's loop clock)."""
+
+    async def barrier() -> None:
+        await sleep_until(asyncio.get_running_loop().time() + ROLLOUT_TICK_MAX_S + 0.05)
+
+    running.thread.run(barrier())
+
+
+def test_steps_move_the_share_then_complete_at_100(
+    backends: Backends, start_proxy: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hour-long steps on a clock the test moves: a step cannot end while it is being counted,
+    # however slowly the counting goes.
+    clock = move_wall_clock(monkeypatch)
     v1, v2 = backends.start("v1"), backends.start("v2")
     port = free_port()
-    running = start_proxy(rollout_yaml(port, (v1, v2), "[25, 50, 75]", "1500ms"))
+    running = start_proxy(rollout_yaml(port, (v1, v2), "[25, 50, 75]", "1h"))
     observed = {}
     for step, share in ((1, 25), (2, 50), (3, 75)):
+        clock.offset_s = (step - 1) * 3600 + 60  # a minute into the step
         wait_until(
             partial(lambda want: rollout_state(running)["step"] == want, step), what=f"step {step}"
         )
@@ -69,6 +89,7 @@ def test_steps_move_the_share_then_complete_at_100(backends: Backends, start_pro
     assert observed == {25: 0.25, 50: 0.5, 75: 0.75}
     assert running.metric("tcpproxy_rollout_share_percent", listener="app", backend="v2") == 75
     assert running.metric("tcpproxy_rollout_step", listener="app") == 3
+    clock.offset_s = 3 * 3600 + 60
     wait_until(lambda: rollout_state(running)["state"] == "completed", what="completed")
     assert running.metric("tcpproxy_rollout_state", listener="app", state="completed") == 1
     assert greetings(port, 8) == {"v2": 8}
@@ -87,11 +108,12 @@ def test_failures_in_the_new_backend_abort_and_leave_its_connections(
     on_v2 = [c for c in pinned if c.greeting() == "v2"]
     assert len(on_v2) == 2
     backends.stop("v2")  # v2 now refuses new connections; its open ones live on
-    for _ in range(20):
-        greetings(port, 2)
-        if rollout_state(running)["state"] == "aborted":
-            break
-        time.sleep(0.3)
+
+    def aborted_after_more_failures() -> bool:
+        greetings(port, 2)  # one of them tries v2 first, and fails over to v1
+        return rollout_state(running)["state"] == "aborted"
+
+    wait_until(aborted_after_more_failures, what="the rollout aborted")
     state = rollout_state(running)
     assert state["state"] == "aborted"
     assert state["share"] == 0
@@ -104,16 +126,23 @@ def test_failures_in_the_new_backend_abort_and_leave_its_connections(
 
 
 def test_pause_resume_abort_through_admin_and_cli(
-    backends: Backends, start_proxy: Start, admins: Callable[[Proxy], Admin]
+    backends: Backends,
+    start_proxy: Start,
+    admins: Callable[[Proxy], Admin],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    clock = move_wall_clock(monkeypatch)
     v1, v2 = backends.start("v1"), backends.start("v2")
     port = free_port()
-    running = start_proxy(rollout_yaml(port, (v1, v2), "[10, 20]", "1s"))
+    running = start_proxy(rollout_yaml(port, (v1, v2), "[10, 20]", "1h"))
     admin = admins(running.proxy)
     assert admin.post("/rollout/app/pause").status == 200
     assert admin.post("/rollout/app/pause").status == 409  # already paused
-    time.sleep(1.5)  # longer than a step: a paused rollout stays where it is
+    # Far past the first step, and a tick later: a paused rollout stays where it is.
+    clock.offset_s = 2 * 3600
+    after_a_tick(running)
     assert rollout_state(running)["step"] == 1
+    assert greetings(port, 10) == {"v1": 9, "v2": 1}
     assert admin.status()["listeners"][0]["rollout"]["state"] == "paused"
     cli = [sys.executable, "-m", "tcpproxy", "rollout"]
     address = admin.url.removeprefix("http://")
@@ -167,10 +196,12 @@ def test_restart_with_started_at_resumes_at_the_right_step(
 ) -> None:
     v1, v2 = backends.start("v1"), backends.start("v2")
     port = free_port()
-    begun = datetime.fromtimestamp(time.time() - 25, UTC).isoformat()
+    # Two and a half hour-long steps ago: in the middle of the third, whatever the start-up
+    # below takes.
+    begun = datetime.fromtimestamp(time.time() - 2.5 * 3600, UTC).isoformat()
     path = tmp_path / "tcpproxy.yaml"
     path.write_text(
-        rollout_yaml(port, (v1, v2), "[10, 50, 90]", "10s", extra=f'started_at: "{begun}"\n')
+        rollout_yaml(port, (v1, v2), "[10, 50, 90]", "1h", extra=f'started_at: "{begun}"\n')
     )
     running = RunningProxy(loop_thread, path)  # a fresh proxy: as after a restart
     try:
