@@ -6,11 +6,13 @@ Run against every relay engine (copy, splice) on every event loop the proxy supp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,15 +21,22 @@ from hypothesis import strategies as st
 from tcpproxy import relay
 from tcpproxy.proxy import Proxy
 from tests.harness import (
+    TCP_SYN_SENT,
     Backends,
     Client,
     LoopThread,
+    RawBackend,
     RunningProxy,
     ScriptedBackend,
     config_yaml,
     free_port,
+    full_accept_queue,
     listener_yaml,
     pattern,
+    pattern_digest,
+    read_digest,
+    send_pattern,
+    tcp_info,
     wait_until,
 )
 
@@ -234,3 +243,233 @@ def test_slow_reader_gets_every_byte_after_both_fins(
         client.close()
     assert received == size
     assert digest.hexdigest() == hashlib.sha256(pattern(size)).hexdigest()
+
+
+# -- connecting: failures, retries, a client that leaves first --
+
+
+def test_a_full_accept_queue_drops_syns() -> None:
+    """What the connect-timeout cases rest on, checked on this machine: a connect to a full
+    accept queue is neither accepted nor refused; its SYN goes unanswered and is sent again."""
+    with full_accept_queue() as address:
+        host, port = address.rsplit(":", 1)
+        probe = socket.socket()
+        try:
+            probe.setblocking(False)
+            probe.connect_ex((host, int(port)))
+            wait_until(
+                lambda: tcp_info(probe)[1] >= 1,
+                what="the probe's SYN to be retransmitted",
+            )
+            assert tcp_info(probe)[0] == TCP_SYN_SENT
+        finally:
+            probe.close()
+
+
+def _closed(running: RunningProxy, listener: str, backend: str, reason: str) -> float:
+    value = running.metric(
+        "tcpproxy_connections_closed_total", listener=listener, backend=backend, reason=reason
+    )
+    return value or 0
+
+
+def _rejected(running: RunningProxy, listener: str, reason: str) -> float:
+    value = running.metric("tcpproxy_connections_rejected_total", listener=listener, reason=reason)
+    return value or 0
+
+
+def test_no_backend_listening_closes_the_client(
+    start_proxy: Callable[[str], RunningProxy], engine: str
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there: refused
+    port = free_port()
+    running = start_proxy(
+        config_yaml(listener_yaml("relay", port, {"d": (dead, 1)}, engine=engine))
+    )
+    client = Client(port)
+    try:
+        client.sock.sendall(b"anyone there?")
+        assert client.is_closed()
+    finally:
+        client.close()
+    wait_until(lambda: open_connections(running) == 0, what="connection forgotten")
+    assert running.backend_stat("relay", "d", "connect_failures")["refused"] == 1
+    assert _rejected(running, "relay", "connect_failed") == 1
+
+
+@pytest.mark.parametrize("failure", ["refused", "timeout"])
+def test_a_failed_connect_is_retried_on_a_backend_that_works(
+    backends: Backends, start_proxy: Callable[[str], RunningProxy], engine: str, failure: str
+) -> None:
+    v1 = backends.start("v1")
+    with full_accept_queue() as unresponsive:
+        bad = unresponsive if failure == "timeout" else f"127.0.0.1:{free_port()}"
+        port = free_port()
+        running = start_proxy(
+            config_yaml(
+                listener_yaml(
+                    "relay",
+                    port,
+                    {"bad": (bad, 1), "v1": (v1, 1)},
+                    engine=engine,
+                    connect_timeout="1s",
+                )
+            )
+        )
+        # Round robin sends one of the two to `bad` first; both end up on v1.
+        client = Client(port)
+        other = Client(port)
+        try:
+            for c in (client, other):
+                assert c.greeting() == "v1"
+                assert c.echo(b"after a retry\n") == b"after a retry\n"
+        finally:
+            client.close()
+            other.close()
+        assert running.backend_stat("relay", "bad", "connect_failures")[failure] == 1
+        assert _rejected(running, "relay", "connect_failed") == 0
+
+
+def test_a_client_that_leaves_before_the_backend_connects_is_cleaned_up(
+    start_proxy: Callable[[str], RunningProxy], engine: str
+) -> None:
+    with full_accept_queue() as unresponsive:
+        port = free_port()
+        running = start_proxy(
+            config_yaml(
+                listener_yaml(
+                    "relay", port, {"slow": (unresponsive, 1)}, engine=engine, connect_timeout="60s"
+                )
+            )
+        )
+        client = Client(port)
+        client.sock.sendall(b"early bytes")
+        wait_until(lambda: open_connections(running) == 1, what="connection accepted")
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        # Long before the 60 s connect timeout: the connect in progress is given up.
+        wait_until(lambda: open_connections(running) == 0, what="connection forgotten")
+        assert running.backend_stat("relay", "slow", "connect_failures")["timeout"] == 0
+        assert _rejected(running, "relay", "connect_failed") == 0
+
+
+# -- who speaks first, idle --
+
+
+@pytest.fixture
+def raw_backend() -> Iterator[RawBackend]:
+    backend = RawBackend()
+    yield backend
+    backend.close()
+
+
+def test_the_server_speaks_first(
+    raw_backend: RawBackend, start_proxy: Callable[[str], RunningProxy], engine: str
+) -> None:
+    """The backend sends before the client has sent anything (a banner, here a large one)."""
+    port = free_port()
+    start_proxy(
+        config_yaml(listener_yaml("relay", port, {"s": (raw_backend.address, 1)}, engine=engine))
+    )
+    size = 3_000_000
+    client = Client(port)
+    backend = raw_backend.accept()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            banner = pool.submit(send_pattern, backend, size)
+            assert client.read_exactly(size) == pattern(size)
+            banner.result(timeout=1)
+        client.sock.sendall(b"and now the client\n")
+        got = b""
+        while not got.endswith(b"\n"):
+            chunk = backend.recv(1 << 16)
+            assert chunk, f"backend saw EOF after {got!r}"
+            got += chunk
+        assert got == b"and now the client\n"
+    finally:
+        client.close()
+        backend.close()
+
+
+def test_a_silent_connection_is_closed_as_idle(
+    backends: Backends, start_proxy: Callable[[str], RunningProxy], engine: str
+) -> None:
+    v1 = backends.start("v1")
+    port = free_port()
+    running = start_proxy(
+        config_yaml(
+            listener_yaml("relay", port, {"v1": (v1, 1)}, engine=engine, idle_timeout="500ms")
+        )
+    )
+    client = Client(port)
+    try:
+        assert client.greeting() == "v1"
+        assert client.is_closed()  # nothing moved since the greeting
+    finally:
+        client.close()
+    wait_until(lambda: open_connections(running) == 0, what="connection forgotten")
+    assert _closed(running, "relay", "v1", "idle_timeout") == 1
+
+
+# -- flow control both ways at once --
+
+
+def test_both_ways_stalled_then_resumed_hold_bounded_memory_and_lose_nothing(
+    raw_backend: RawBackend, start_proxy: Callable[[str], RunningProxy], engine: str
+) -> None:
+    """50 MiB each way while neither peer reads: back-pressure stops both senders, the proxy
+    holds a bounded amount; then both read, and every byte arrives in order."""
+    size = 50 * 1024 * 1024
+    port = free_port()
+    running = start_proxy(
+        config_yaml(listener_yaml("relay", port, {"s": (raw_backend.address, 1)}, engine=engine))
+    )
+    client = Client(port)
+    backend = raw_backend.accept()
+    for s in (client.sock, backend):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    limit = 2 * relay.READ_CHUNK_BYTES + 2 * 1024 * 1024
+    expected = pattern_digest(size)
+
+    def send_then_fin(sock: socket.socket) -> None:
+        send_pattern(sock, size)
+        sock.shutdown(socket.SHUT_WR)
+
+    def relayed() -> tuple[int, int]:
+        stat = running.backend_stat
+        return stat("relay", "s", "bytes_up"), stat("relay", "s", "bytes_down")
+
+    pool = ThreadPoolExecutor(3)
+    try:
+        senders = [pool.submit(send_then_fin, s) for s in (client.sock, backend)]
+        wait_until(lambda: min(relayed()) > 1_000_000, what="relaying started both ways")
+        samples = []
+        for _ in range(20):
+            samples.append(running.state(_buffered))
+            threading.Event().wait(0.02)
+        up_while_stalled, down_while_stalled = relayed()
+        assert max(samples) <= limit, samples
+        # Far less than what is offered: the kernel's buffers hold the rest of it back.
+        assert up_while_stalled < size
+        assert down_while_stalled < size
+        # Both read now.
+        at_backend = pool.submit(read_digest, backend)
+        digest = hashlib.sha256()
+        received = 0
+        while chunk := client.sock.recv(1 << 20):
+            digest.update(chunk)
+            received += len(chunk)
+            if received % (8 << 20) < len(chunk):
+                assert running.state(_buffered) <= limit
+        assert (received, digest.hexdigest()) == (size, expected)
+        assert at_backend.result(timeout=60) == (size, expected)
+        for sender in senders:
+            sender.result(timeout=60)
+    finally:
+        for s in (client.sock, backend):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes a thread still blocked on it
+        pool.shutdown()
+        client.close()
+        backend.close()
+    wait_until(lambda: open_connections(running) == 0, what="connection closed")
