@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from tcpproxy import relay
+from tcpproxy import acceptor
 from tcpproxy.accesslog import AccessLog
 from tcpproxy.admission import Admission, Rejections
 from tcpproxy.backend import Backend
@@ -32,7 +32,7 @@ LISTEN_BACKLOG = 4096
 
 
 class Server(Protocol):
-    """What a listener needs of its listening socket (relay.Server, or a test's stand-in)."""
+    """What a listener needs of its listening socket (acceptor.Server, or a test's stand-in)."""
 
     def close(self) -> None: ...
     async def start_serving(self) -> None: ...
@@ -72,7 +72,7 @@ class Listener:
         (binding comes before the rest of it is applied), whose engine may have changed."""
         host, port = split_host_port(config.bind)
         engine = SpliceConnection if config.engine == "splice" else Connection
-        return relay.Server(self, host, port, LISTEN_BACKLOG, engine)
+        return acceptor.Server(self, host, port, LISTEN_BACKLOG, engine)
 
     def serve(self, server: Server) -> None:
         """Accept on `server` from now on; a previous server (old bind) stops accepting."""

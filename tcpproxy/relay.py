@@ -12,7 +12,8 @@ one chunk per direction; the kernel's socket buffers do the rest. Small reads ar
 the end of the event batch, after all its reads: each write wakes a peer that may preempt us.
 
 What a connection does at a FIN, a reset or the proxy's own close is decided in lifecycle.py;
-this module moves the bytes and reports what happened.
+this module moves the bytes and reports what happened. The epoll set is poller.py's, the
+listening socket acceptor.py's.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ import select
 import socket
 import struct
 import termios
-import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from tcpproxy.lifecycle import Action, Event, State, is_connected, transition
+from tcpproxy.poller import BUFFER_BYTES, Poller
 
 if TYPE_CHECKING:
     from tcpproxy.backend import Backend
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tcpproxy")
 
 # One read; also the most a direction holds in user space while its destination is full.
-READ_CHUNK_BYTES = 256 * 1024
+READ_CHUNK_BYTES = BUFFER_BYTES
 # Client bytes held while the backend connection is being set up; past this, stop reading.
 PRECONNECT_BUFFER_BYTES = 256 * 1024
 
@@ -47,13 +47,11 @@ PRECONNECT_BUFFER_BYTES = 256 * 1024
 PUMP_ROUNDS = 4
 # A read smaller than this is written at the end of the event batch, with the others.
 BATCHED_WRITE_MAX_BYTES = 16 * 1024
-_MAX_EVENTS = 512
 # After a peer's reset, how long its last bytes may take to reach the other peer before that
 # one is reset too, and how often the wait looks (there is no event for "acknowledged").
 LAST_BYTES_MAX_S = 5.0
 LAST_BYTES_POLL_MAX_S = 0.05
 
-_WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _READABLE = select.EPOLLIN | _HANGUP
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
@@ -97,85 +95,6 @@ class Owner(Protocol):
     def accept_failed(self, exc: OSError) -> None: ...
     def header_received(self, conn: Connection) -> None: ...
     def connection_closed(self, conn: Connection) -> None: ...
-
-
-class Poller:
-    """One edge-triggered epoll set for a loop's proxied sockets, itself watched by the loop.
-
-    Why not the loop's add_reader/add_writer: uvloop makes a poll handle per descriptor and
-    every add or remove costs one to three epoll_ctl calls, a dozen per connection. Here a
-    socket is registered once, for both directions, and closing it unregisters it.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Weak: the loop (the registry's key) must not be kept alive by its own poller.
-        self.loop: asyncio.AbstractEventLoop = weakref.proxy(loop)
-        self._epoll = select.epoll()
-        self._handlers: dict[int, Callable[[int], None]] = {}
-        # Descriptors closed during the batch being dispatched: their remaining events in
-        # it are stale (and the number may already belong to a new socket).
-        self._closed: set[int] = set()
-        # Every read of this loop lands here and is written on at once; only an unsent rest
-        # is copied out. One per poller, never shared: recv_into and send release the GIL,
-        # so two loops in two threads would write into each other's bytes.
-        self.buffer = bytearray(READ_CHUNK_BYTES)
-        self.view = memoryview(self.buffer)
-        self.writes: list[tuple[Connection, Direction]] = []  # held until the batch's end
-        self.dispatching = False  # (a read outside a batch is written at once)
-        loop.add_reader(self._epoll.fileno(), self._dispatch)
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> Poller:
-        poller = _POLLERS.get(loop)
-        if poller is None:
-            poller = _POLLERS[loop] = cls(loop)
-        return poller
-
-    def watch(self, fd: int, handler: Callable[[int], None]) -> None:
-        self._epoll.register(fd, _WATCH)
-        self._handlers[fd] = handler
-
-    def forget(self, fd: int) -> None:
-        """Call before closing fd."""
-        del self._handlers[fd]
-        self._closed.add(fd)
-
-    def _dispatch(self) -> None:
-        closed = self._closed
-        closed.clear()
-        handlers = self._handlers
-        self.dispatching = True
-        try:
-            for fd, events in self._epoll.poll(0, _MAX_EVENTS):
-                if fd not in closed:
-                    handler = handlers[fd]
-                    try:
-                        handler(events)
-                    except Exception as exc:  # a bug: end that connection, run the rest
-                        _handler_failed(handler, exc)
-            # Small reads were held back (Connection._pump): write them now, after every read
-            # of the batch, so the peers we wake do not preempt us between reads.
-            writes = self.writes
-            while writes:
-                conn, d = writes.pop()
-                if d.rest and not conn.closed:
-                    try:
-                        conn._flush(d)
-                    except Exception as exc:
-                        conn.fail(exc)
-        finally:
-            self.dispatching = False
-
-
-def _handler_failed(handler: Callable[[int], None], exc: Exception) -> None:
-    conn = getattr(handler, "__self__", None)
-    if isinstance(conn, Connection):
-        conn.fail(exc)
-    else:
-        log.error("tcpproxy: error handling socket events", exc_info=exc)
-
-
-_POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = weakref.WeakKeyDictionary()
 
 
 class Direction:
@@ -530,6 +449,11 @@ class Connection:
         # Still more: let other connections run first.
         self.loop.call_soon(self._resume, d)
 
+    def flush_batched(self, d: Direction) -> None:
+        """The poller's end of batch: write what a small read left for it."""
+        if d.rest and not self.closed:
+            self._flush(d)
+
     def _resume(self, d: Direction) -> None:
         if d.ready and not (self.state is State.CLOSED or d.rest or d.in_pipe or d.eof):
             try:
@@ -702,84 +626,3 @@ class Connection:
             sock.close()
         self.pending = None
         self.owner.connection_closed(self)
-
-
-class Server:
-    """A listening socket; each accepted socket becomes a `conn_class` connection."""
-
-    def __init__(
-        self, owner: Owner, host: str, port: int, backlog: int, conn_class: type[Connection]
-    ) -> None:
-        self.owner = owner
-        self.conn_class = conn_class
-        self.loop = asyncio.get_running_loop()
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, address = infos[0]
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            self.sock.bind(address)
-            self.sock.listen(backlog)
-        except OSError:
-            self.sock.close()
-            raise
-        self.sock.setblocking(False)
-        self._serving = False
-        self.poller = Poller.of(self.loop)
-        self._spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-    async def start_serving(self) -> None:
-        if not self._serving and self.sock.fileno() >= 0:
-            self._serving = True
-            self.loop.add_reader(self.sock.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        for _ in range(64):  # bounded per wake-up, so one busy listener cannot starve the loop
-            try:
-                sock, peername = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.owner.accept_failed(exc)
-                    self._shed()
-                return
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                sock.close()  # reset before we got to it
-                continue
-            self.owner.connection_opened(self.conn_class(self.owner, sock, self.poller, peername))
-
-    def _shed(self) -> None:
-        """Out of descriptors: close the waiting clients at once (they hear a close now,
-        rather than hang in the backlog), using the spare descriptor kept for this."""
-        if self._spare is not None:
-            os.close(self._spare)
-            self._spare = None
-            with contextlib.suppress(OSError):
-                for _ in range(64):
-                    self.sock.accept()[0].close()
-            with contextlib.suppress(OSError):
-                self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        if self._spare is None:
-            # Not even that: stop accepting for a moment instead of spinning.
-            self.loop.remove_reader(self.sock.fileno())
-            self.loop.call_later(0.1, self._resume)
-
-    def _resume(self) -> None:
-        if self._serving and self.sock.fileno() >= 0:
-            self.loop.add_reader(self.sock.fileno(), self._accept)
-
-    def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            if self._serving:
-                self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-        self._serving = False
-        if self._spare is not None:
-            os.close(self._spare)
-            self._spare = None

@@ -1,6 +1,6 @@
 """The copy engine's end-of-batch writes, driven step by step over real socketpairs.
 
-Small reads are written at the end of the poller's event batch (relay.Poller._dispatch).
+Small reads are written at the end of the poller's event batch (Poller._dispatch).
 A read made outside a batch (the fairness hand-off after several full reads, run by
 call_soon) must be written at once: no later batch may ever come to write it.
 """
@@ -17,6 +17,7 @@ import uvloop
 
 from tcpproxy import relay
 from tcpproxy.lifecycle import State
+from tcpproxy.poller import Poller
 from tests.harness import pattern
 
 
@@ -74,7 +75,7 @@ def _drain(sock: socket.socket) -> bytes:
 
 def test_a_tail_read_outside_a_batch_is_written_at_once(loop: asyncio.AbstractEventLoop) -> None:
     async def scenario() -> None:
-        poller = relay.Poller.of(asyncio.get_running_loop())
+        poller = Poller.of(asyncio.get_running_loop())
         client_far, client_near = _pair()  # the client, and the proxy's client socket
         upstream_near, backend_far = _pair()  # the proxy's backend socket, and the backend
         conn = relay.Connection(_Owner(), client_near, poller)
