@@ -18,6 +18,11 @@ from tests.harness import Client, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 TCPPROXY = [sys.executable, "-m", "tcpproxy"]
+# How long a CLI process may take to start listening, or to exit once told to: an interpreter
+# importing aiohttp, pydantic and uvloop takes seconds on a slow, loaded machine. Only a hung
+# process waits this long.
+START_S = 60.0
+EXIT_S = 60.0
 
 
 class Process:
@@ -35,7 +40,7 @@ class Process:
     def signal(self, sig: int) -> None:
         self.popen.send_signal(sig)
 
-    def wait(self, timeout: float = 20) -> tuple[int, str, str]:
+    def wait(self, timeout: float = EXIT_S) -> tuple[int, str, str]:
         out, err = self.popen.communicate(timeout=timeout)
         return self.popen.returncode, out, err
 
@@ -72,7 +77,7 @@ def echo_backends() -> Iterator[dict[str, str]]:
         port = free_port()
         procs.append(Process("echo", "--listen", f"127.0.0.1:{port}", "--name", name))
         addresses[name] = f"127.0.0.1:{port}"
-        wait_until(partial(port_open, port), what=f"echo {name} up")
+        wait_until(partial(port_open, port), timeout=START_S, what=f"echo {name} up")
     yield addresses
     for p in procs:
         p.signal(signal.SIGTERM)

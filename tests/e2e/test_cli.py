@@ -5,14 +5,55 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tcpproxy.demo import DEMO_CONFIG
-from tests.e2e.processes import REPO, TCPPROXY, Process, http, port_open
-from tests.harness import Client, config_yaml, free_port, listener_yaml, wait_until
+from tests.e2e.processes import REPO, START_S, TCPPROXY, Process, http, port_open
+from tests.harness import WAIT_S, Client, config_yaml, free_port, listener_yaml, wait_until
+
+
+def after_greeting(out: str) -> str:
+    return out.split("hello from", 1)[1] if "hello from" in out else ""
+
+
+def telnet_session(port: int, line: bytes, done: Callable[[str], bool]) -> str:
+    """Type `line` into a real telnet and read what it prints until `done` says so."""
+    session = subprocess.Popen(
+        ["telnet", "127.0.0.1", str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert session.stdin is not None
+    assert session.stdout is not None
+    out = b""
+    try:
+        session.stdin.write(line)
+        session.stdin.flush()
+        deadline = time.monotonic() + WAIT_S
+        while not done(out.decode(errors="replace")):
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([session.stdout], [], [], max(left, 0))
+            assert ready, f"telnet printed {out!r} in {WAIT_S}s"
+            chunk = os.read(session.stdout.fileno(), 4096)
+            assert chunk, f"telnet ended after printing {out!r}"
+            out += chunk
+    finally:
+        session.stdin.close()
+        try:
+            session.wait(WAIT_S)
+        finally:
+            if session.poll() is None:
+                session.kill()
+                session.wait()
+            session.stdout.close()
+    return out.decode(errors="replace")
 
 
 def test_version() -> None:
@@ -99,7 +140,11 @@ def test_run_relays_reloads_on_sighup_and_drains_on_sigterm(
         "--log-format", "json",
     )  # fmt: skip
     try:
-        wait_until(lambda: http(f"http://127.0.0.1:{admin}/readyz")[0] == 200, what="ready")
+        wait_until(
+            lambda: http(f"http://127.0.0.1:{admin}/readyz")[0] == 200,
+            timeout=START_S,
+            what="ready",
+        )
         held = Client(port)
         assert held.greeting() == "v1"
         assert held.echo(b"hello\n") == b"hello\n"
@@ -147,7 +192,7 @@ def test_shutdown_timeout_closes_what_is_left(
     path.write_text(config_yaml(listener_yaml("app", port, {"v1": (echo_backends["v1"], 1)})))
     proc = Process("run", "--config", str(path), "--admin", "off", "--shutdown-timeout", "300ms")
     try:
-        wait_until(lambda: port_open(port), what="listening")
+        wait_until(lambda: port_open(port), timeout=START_S, what="listening")
         held = Client(port)
         assert held.greeting() == "v1"
         proc.signal(signal.SIGTERM)
@@ -163,7 +208,7 @@ def test_demo_serves_telnet_on_8008_and_stops_cleanly(tmp_path: Path) -> None:
     # Run outside the checkout: the demo must work from an installed package, too.
     proc = Process("demo", cwd=tmp_path)
     try:
-        wait_until(lambda: port_open(8008), what="demo listening on 8008")
+        wait_until(lambda: port_open(8008), timeout=START_S, what="demo listening on 8008")
         seen = set()
         for _ in range(10):
             c = Client(8008)
@@ -176,16 +221,11 @@ def test_demo_serves_telnet_on_8008_and_stops_cleanly(tmp_path: Path) -> None:
         assert "v1" in page
         assert "v2" in page
         # The README walkthrough with the real telnet: the greeting, then our line echoed.
+        # Its input stays open until the echo is back (at end of input telnet quits).
         assert shutil.which("telnet"), "telnet is missing: ./scripts/test installs it"
-        session = subprocess.run(
-            ["sh", "-c", "(printf 'ping\\r\\n'; sleep 1) | telnet 127.0.0.1 8008"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        assert "hello from v" in session.stdout
-        assert "ping" in session.stdout.split("hello from", 1)[1]
+        out = telnet_session(8008, b"ping\r\n", done=lambda out: "ping" in after_greeting(out))
+        assert "hello from v" in out
+        assert "ping" in after_greeting(out)
         proc.signal(signal.SIGINT)
         code, out, _ = proc.wait()
         assert code == 0

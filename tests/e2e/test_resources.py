@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.e2e.processes import EXIT_S, START_S
 from tests.harness import Client, config_yaml, free_port, listener_yaml, wait_until
 
 FD_LIMIT = 64  # the interpreter, uvloop and the watcher use ~20; the rest is ~20 connections
@@ -47,7 +48,7 @@ def test_fd_exhaustion_keeps_held_connections_and_recovers(tmp_path: Path) -> No
     )  # fmt: skip
     clients: list[Client] = []
     try:
-        wait_until(lambda: served(port), what="proxy serving")
+        wait_until(lambda: served(port), timeout=START_S, what="proxy serving")
         # Far more connections than the proxy has descriptors for.
         greeted = []
         for _ in range(3 * FD_LIMIT // 2):
@@ -63,6 +64,7 @@ def test_fd_exhaustion_keeps_held_connections_and_recovers(tmp_path: Path) -> No
             if line.startswith("hello from"):
                 greeted.append(c)
         assert 5 < len(greeted) < len(clients), (len(greeted), len(clients))
+        refused = len(clients) - len(greeted)
         # Everything it did take on still works.
         for c in greeted:
             assert c.echo(b"held\n") == b"held\n"
@@ -77,12 +79,13 @@ def test_fd_exhaustion_keeps_held_connections_and_recovers(tmp_path: Path) -> No
         for c in clients:
             c.close()
         proxy.send_signal(signal.SIGTERM)
-        _, err = proxy.communicate(timeout=20)
+        _, err = proxy.communicate(timeout=EXIT_S)
         echo.send_signal(signal.SIGTERM)
-        echo.communicate(timeout=20)
+        echo.communicate(timeout=EXIT_S)
     assert proxy.returncode == 0
     # At accept or at the backend connect, whichever runs out first.
     exhausted = [line for line in err.splitlines() if "raise the open files limit" in line]
-    # Logged, but not once per refused connection.
-    assert 1 <= len(exhausted) <= 3, err
+    # Logged, but not once per refused connection. (At most a line every few seconds: how
+    # many depends on how long the exhaustion lasted, so no fixed count.)
+    assert 1 <= len(exhausted) < refused, err
     assert "Traceback" not in err

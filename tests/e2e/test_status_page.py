@@ -11,7 +11,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-from tests.e2e.processes import REPO, Process, http
+from tests.e2e.processes import REPO, START_S, Process, http
 from tests.harness import Client, clients, config_yaml, free_port, listener_yaml, wait_until
 
 # Where a person can look at what the test saw (gitignored).
@@ -125,7 +125,7 @@ def test_status_page_in_headless_chromium(tmp_path: Path, echo_backends: dict[st
         "--log-format", "json",
     )  # fmt: skip
     try:
-        wait_until(lambda: http(f"{base}/readyz")[0] == 200, what="ready")
+        wait_until(lambda: http(f"{base}/readyz")[0] == 200, timeout=START_S, what="ready")
         # 5 connections by weights 3/1/0/1: v1 3, v2 1, old 1. Then `old` is removed and
         # drains with its connection open.
         with clients(port, 5) as held:
@@ -180,7 +180,11 @@ def test_status_page_says_when_the_server_is_gone(
     path.write_text(config_yaml(listener_yaml("shop", port, {"v1": (echo_backends["v1"], 1)})))
     proc = Process("run", "--config", str(path), "--admin", f"127.0.0.1:{admin}", "--no-watch")
     try:
-        wait_until(lambda: http(f"http://127.0.0.1:{admin}/readyz")[0] == 200, what="ready")
+        wait_until(
+            lambda: http(f"http://127.0.0.1:{admin}/readyz")[0] == 200,
+            timeout=START_S,
+            what="ready",
+        )
         c = Client(port)
         assert c.greeting() == "v1"
         c.close()
