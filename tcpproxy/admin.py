@@ -1,21 +1,87 @@
-"""Admin HTTP server (DESIGN §5): metrics, probes, status (JSON and HTML) and reload."""
+"""Admin HTTP server (DESIGN §5): metrics, probes, status (JSON and HTML), reload and
+rollout control. Who may change state: admin_access.py; its connections: admin_server.py."""
 
 from __future__ import annotations
 
 import asyncio
 import html
+import json
+import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from tcpproxy import __version__
+from tcpproxy.admin_access import (
+    READ_ONLY_METHODS,
+    ControlPolicy,
+    Refusal,
+    check_control,
+    is_loopback,
+)
+from tcpproxy.admin_server import AdminSite, Connections, LogQuota, format_peer, listening_socket
 from tcpproxy.config import split_host_port
 from tcpproxy.proxy import Proxy
+from tcpproxy.settings import (
+    DEFAULT_ADMIN_MAX_CONNECTIONS,
+    DEFAULT_ADMIN_READ_TIMEOUT_S,
+    Settings,
+    read_admin_token,
+)
+
+log = logging.getLogger("tcpproxy")
 
 PAGE_REFRESH_S = 2
+# A control request needs no body; a JSON one is accepted (and ignored) up to this size.
+CONTROL_BODY_MAX_BYTES = 4096
 PROXY_KEY = web.AppKey("proxy", Proxy)
+
+
+@dataclass(frozen=True)
+class AdminOptions:
+    """The admin server's settings (see settings.py for what each one means)."""
+
+    token: str | None = None
+    token_file: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    read_timeout: float = DEFAULT_ADMIN_READ_TIMEOUT_S
+    max_connections: int = DEFAULT_ADMIN_MAX_CONNECTIONS
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdminOptions:
+        token = settings.admin_token
+        return cls(
+            token=token.get_secret_value() if token is not None else None,
+            token_file=settings.admin_token_file,
+            allowed_hosts=settings.admin_allowed_hosts,
+            read_timeout=settings.admin_read_timeout,
+            max_connections=settings.admin_max_connections,
+        )
+
+
+@dataclass
+class _Control:
+    """What the middleware needs: the policy, where the token comes from, the connections."""
+
+    policy: ControlPolicy
+    options: AdminOptions
+    conns: Connections
+    refusals: LogQuota
+
+    def token(self) -> str | None:
+        """The current token: a token file is read again each time, so that a rotated
+        Kubernetes Secret applies without a restart. ValueError if it cannot be read."""
+        if self.options.token_file is not None:
+            return read_admin_token(self.options.token_file)
+        return self.options.token
+
+
+CONTROL_KEY = web.AppKey("control", _Control)
 # Live figures: a cached copy would be a wrong one.
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -409,6 +475,23 @@ async def _page(request: web.Request) -> web.Response:
     )
 
 
+_PAST = {"pause": "paused", "resume": "resumed", "abort": "aborted"}
+
+
+def _peer(request: web.Request) -> str:
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return format_peer(peer) if peer is not None else "an unknown address"
+
+
+def _who(request: web.Request) -> str:
+    """Who asked, as far as the server can tell: never "an operator" when it may be anyone
+    who reached the port."""
+    policy = request.app[CONTROL_KEY].policy
+    how = "with the admin token" if policy.has_token else "without a token (loopback admin)"
+    return f"an admin API request from {_peer(request)} {how}"
+
+
 async def _rollout(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     name, action = request.match_info["listener"], request.match_info["action"]
@@ -416,18 +499,97 @@ async def _rollout(request: web.Request) -> web.Response:
     if listener is None or listener.rollout is None:
         return web.json_response({"error": f"no rollout on listener {name!r}"}, status=404)
     done = listener.control_rollout(action)
-    body = {"done": done, "rollout": listener.rollout.as_dict(time.time())}
+    rollout = listener.rollout.as_dict(time.time())
+    if done:
+        log.warning(
+            "%s: rollout %s by %s",
+            name,
+            _PAST[action],
+            _who(request),
+            extra={"listener": name, "rollout": rollout["state"], "client": _peer(request)},
+        )
+    body = {"done": done, "rollout": rollout}
     return web.json_response(body, status=200 if done else 409)
 
 
 async def _reload(request: web.Request) -> web.Response:
+    log.info("config reload asked for by %s", _who(request), extra={"client": _peer(request)})
     result = await request.app[PROXY_KEY].reload("admin")
     return web.json_response(result.as_dict(), status=400 if result.result == "failure" else 200)
 
 
-def make_app(proxy: Proxy) -> web.Application:
-    app = web.Application()
+def _refuse(request: web.Request, refusal: Refusal) -> web.Response:
+    control = request.app[CONTROL_KEY]
+    held_back = control.refusals.take()
+    if held_back is not None:
+        log.warning(
+            "admin API: refused %s %s from %s: %s%s",
+            request.method,
+            request.path,
+            _peer(request),
+            refusal.message,
+            f" ({held_back} more refusals since the last such line)" if held_back else "",
+            extra={"client": _peer(request), "reason": refusal.reason},
+        )
+    headers = {"Cache-Control": "no-store"}
+    if refusal.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="tcpproxy admin"'
+    return web.json_response({"error": refusal.message}, status=refusal.status, headers=headers)
+
+
+async def _check_request(request: web.Request) -> web.Response | None:
+    """None when a state-changing request may go ahead, else the answer that refuses it."""
+    control = request.app[CONTROL_KEY]
+    headers = request.headers
+    try:
+        token = control.token() if control.policy.has_token else None
+    except ValueError as exc:
+        return _refuse(request, Refusal(503, "token", f"the admin token is unusable: {exc}"))
+    refusal = check_control(
+        control.policy,
+        host=headers.get(hdrs.HOST),
+        origin=headers.get(hdrs.ORIGIN),
+        fetch_site=headers.get("Sec-Fetch-Site"),
+        content_type=headers.get(hdrs.CONTENT_TYPE),
+        has_body=request.body_exists,
+        authorization=headers.get(hdrs.AUTHORIZATION),
+        token=token,
+    )
+    if refusal is not None:
+        return _refuse(request, refusal)
+    if request.body_exists:
+        # Read while the read deadline still runs: a body sent slowly is cut off by it.
+        try:
+            json.loads(await request.read() or b"{}")
+        except web.HTTPRequestEntityTooLarge:
+            return _refuse(request, Refusal(413, "body", "the request body is too large"))
+        except ValueError:
+            return _refuse(request, Refusal(400, "body", "the request body is not JSON"))
+    return None
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    control = request.app[CONTROL_KEY]
+    if request.method not in READ_ONLY_METHODS:
+        refused = await _check_request(request)
+        if refused is not None:
+            return refused
+    # The whole request is in: it is answered with no deadline, which starts again after.
+    control.conns.request_started(request.transport)
+    try:
+        return await handler(request)
+    finally:
+        control.conns.request_done(request.transport)
+
+
+def make_app(proxy: Proxy, control: _Control) -> web.Application:
+    app = web.Application(middlewares=[_guard], client_max_size=CONTROL_BODY_MAX_BYTES)
     app[PROXY_KEY] = proxy
+    app[CONTROL_KEY] = control
     app.router.add_get("/metrics", make_aiohttp_handler(proxy.metrics.registry))
     app.router.add_get("/livez", _livez)
     app.router.add_get("/readyz", _readyz)
@@ -438,13 +600,34 @@ def make_app(proxy: Proxy) -> web.Application:
     return app
 
 
-async def start_admin(proxy: Proxy, address: str) -> web.AppRunner:
+async def start_admin(
+    proxy: Proxy, address: str, options: AdminOptions | None = None
+) -> web.AppRunner:
+    """Serve the admin API on `address`; `runner.cleanup()` stops it."""
+    options = options or AdminOptions()
     host, port = split_host_port(address)
-    runner = web.AppRunner(make_app(proxy), access_log=None, handle_signals=False)
-    await runner.setup()
+    sock = listening_socket(host, port)
     try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError:
+        bound = sock.getsockname()[0]
+        policy = ControlPolicy(
+            listen_host=host,
+            # What it is bound to, not what the name says: "localhost" could be anything.
+            loopback=is_loopback(bound),
+            has_token=options.token is not None or options.token_file is not None,
+            allowed_hosts=tuple(h.strip("[]").lower() for h in options.allowed_hosts),
+        )
+        conns = Connections(options.read_timeout, options.max_connections)
+        control = _Control(policy, options, conns, LogQuota(lines=10, window_s=60.0))
+        runner = web.AppRunner(make_app(proxy, control), access_log=None, handle_signals=False)
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        await AdminSite(runner, sock, conns).start()
+    except BaseException:
+        sock.close()
         await runner.cleanup()
         raise
+    log.info("admin server on %s: %s", address, policy.describe())
     return runner
