@@ -11,7 +11,7 @@ from pathlib import Path
 from tcpproxy import __version__
 from tcpproxy.config import ConfigError, load_config
 from tcpproxy.logs import setup_logging
-from tcpproxy.settings import Settings, SettingsError, load_settings
+from tcpproxy.settings import Settings, SettingsError, load_settings, read_admin_token
 
 
 def _add_process_flags(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +49,34 @@ def _add_process_flags(parser: argparse.ArgumentParser) -> None:
         help="re-read the config this often even without file events, 0 = never "
         "[TCPPROXY_POLL_INTERVAL]",
     )
+    _add_token_flag(parser)
+    parser.add_argument(
+        "--admin-allowed-hosts",
+        metavar="HOST[,HOST...]",
+        help="Host header values the admin control endpoints accept besides loopback names "
+        "and addresses and the admin address; * = any [TCPPROXY_ADMIN_ALLOWED_HOSTS]",
+    )
+    parser.add_argument(
+        "--admin-read-timeout",
+        help="an admin client has this long to send a whole request (default 10s) "
+        "[TCPPROXY_ADMIN_READ_TIMEOUT]",
+    )
+    parser.add_argument(
+        "--admin-max-connections",
+        type=int,
+        help="open admin connections at most (default 64) [TCPPROXY_ADMIN_MAX_CONNECTIONS]",
+    )
+
+
+def _add_token_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the admin token that reload and rollout control need; or the "
+        "token itself in TCPPROXY_ADMIN_TOKEN. Without one they answer only on a loopback "
+        "admin address [TCPPROXY_ADMIN_TOKEN_FILE]",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("action", choices=["status", "pause", "resume", "abort"])
     rollout.add_argument("--listener", help="the listener (default: every one with a rollout)")
     rollout.add_argument("--admin", help="admin HOST:PORT of the proxy [TCPPROXY_ADMIN]")
+    _add_token_flag(rollout)
     echo = sub.add_parser("echo", help="the demo backend: greets with its name, echoes lines")
     echo.add_argument("--listen", required=True, help="HOST:PORT to listen on")
     echo.add_argument("--name", required=True, help="name in the greeting")
@@ -87,12 +116,23 @@ def _settings(args: argparse.Namespace, **defaults: object) -> Settings:
             "poll_interval",
             "watch",
             "metrics_linger",
+            "admin_token_file",
+            "admin_allowed_hosts",
+            "admin_read_timeout",
+            "admin_max_connections",
         )
     }
     for key, value in defaults.items():
         if flags.get(key) is None:
             flags[key] = value
     return load_settings(**flags)
+
+
+def admin_token(settings: Settings) -> str | None:
+    """The token the admin server expects, for clients of it (already validated)."""
+    if settings.admin_token_file is not None:
+        return read_admin_token(settings.admin_token_file)
+    return settings.admin_token.get_secret_value() if settings.admin_token else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,7 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "rollout":
             from tcpproxy.rollout_cli import rollout_command  # noqa: PLC0415
 
-            return rollout_command(_settings(args).admin, args.action, args.listener)
+            settings = _settings(args)
+            return rollout_command(
+                settings.admin, args.action, args.listener, admin_token(settings)
+            )
         if args.command == "echo":
             from tcpproxy.demo import echo_main  # noqa: PLC0415
 

@@ -8,16 +8,34 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from tcpproxy.config import split_host_port
+
 TIMEOUT_S = 5.0
 
 
-def _call(url: str, method: str = "GET") -> tuple[int, Any]:
-    request = urllib.request.Request(url, method=method)
+def admin_url(admin: str) -> str:
+    """The URL of the admin server at `admin`; a wildcard bind address (the container's
+    0.0.0.0:9901) is reached on loopback, which its Host rules accept."""
+    host, port = split_host_port(admin)
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _call(url: str, method: str = "GET", token: str | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    request = urllib.request.Request(url, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
+        with exc:
+            try:
+                return exc.code, json.load(exc)
+            except ValueError:
+                return exc.code, {"error": f"HTTP {exc.code} {exc.reason}"}
 
 
 def describe(listener: str, rollout: dict[str, Any]) -> str:
@@ -32,13 +50,15 @@ def describe(listener: str, rollout: dict[str, Any]) -> str:
     return line
 
 
-def rollout_command(admin: str, action: str, listener: str | None) -> int:
+def rollout_command(admin: str, action: str, listener: str | None, token: str | None = None) -> int:
+    """`token`: the admin token to send (pause, resume and abort need it when the server
+    has one)."""
     if admin == "off":
         print(
             "the admin server is off (--admin/TCPPROXY_ADMIN): nothing to talk to", file=sys.stderr
         )
         return 2
-    base = f"http://{admin}"
+    base = admin_url(admin)
     try:
         _, status = _call(f"{base}/status")
         rollouts = {
@@ -56,14 +76,19 @@ def rollout_command(admin: str, action: str, listener: str | None) -> int:
             return 0
         code = 0
         for name in rollouts:
-            http_status, body = _call(f"{base}/rollout/{name}/{action}", method="POST")
+            http_status, body = _call(f"{base}/rollout/{name}/{action}", "POST", token)
             rollout = body.get("rollout")
-            print(describe(name, rollout) if rollout else body.get("error", http_status))
+            if rollout:
+                print(describe(name, rollout))
+            if http_status in (401, 403):
+                # Refused before anything happened: no token, a wrong one, or control off.
+                print(f"{name}: {action} refused: {body.get('error')}", file=sys.stderr)
+                return 2
             if http_status != 200:
                 print(
                     f"{name}: cannot {action} a rollout that is {rollout['state']}"
                     if rollout
-                    else f"{name}: {action} failed",
+                    else f"{name}: {action} failed: {body.get('error', http_status)}",
                     file=sys.stderr,
                 )
                 code = 1
