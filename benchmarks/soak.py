@@ -5,12 +5,16 @@
 For the duration (default 10 minutes; `--quick` about a minute in all) it drives long-lived
 echo streams, bulk uploads and downloads, short request/response connections at a steady
 rate, slow readers, clients that reset and idle connections through the proxy, checking every
-byte; meanwhile it rewrites the route config (weights, backends removed and re-added, the
-second listener removed, re-added and moved, a bad or missing file now and then), kills and
-restarts backends, and sends SIGHUP. Then it stops the proxy with SIGTERM and reports:
+byte, and three hostile patterns on two listeners with a short idle timeout (slow readers
+that must not be closed as idle, and stalled ones that must be reset; early replies followed
+by a backend's reset; resets after half-closes, from either side); meanwhile it rewrites
+the route config (weights, backends removed and re-added, the second listener removed,
+re-added and moved, a bad or missing file now and then), kills and restarts backends, and
+sends SIGHUP. Then it stops the proxy with SIGTERM and reports:
 connections by cause, bytes relayed and verified, lost and corrupted bytes, unexpected
 closes, reloads, the proxy's RSS and fd count over time, and a verdict. See the README's
-"Soak test" section, and soaklib/ledger.py for what counts as a legitimate close.
+"Soak test" section, benchmarks/README.md, and soaklib/ledger.py for what counts as a
+legitimate close.
 """
 
 from __future__ import annotations
@@ -45,10 +49,25 @@ from soaklib.admin import (
     threads,
 )
 from soaklib.chaos import Controller, wait_exit
-from soaklib.clients import Load, LoadParams
-from soaklib.ledger import Facts, ProxyLog, classify
+from soaklib.clients import HOSTILE_VARIANTS, Load, LoadParams
+from soaklib.ledger import (
+    EXPECTED_CAUSES,
+    HOSTILE_PASSES,
+    Facts,
+    ProxyLog,
+    Verdicts,
+    classify,
+)
 from soaklib.report import Check
-from soaklib.routes import AUX, BACKEND_NAMES, MAIN, ListenerSpec, RouteSpec
+from soaklib.routes import (
+    AUX,
+    BACKEND_NAMES,
+    HOSTILE_BACKENDS,
+    MAIN,
+    TIGHT,
+    ListenerSpec,
+    RouteSpec,
+)
 from tcpbench.peers import machine_info
 from tcpbench.procs import Processes, StartError, listen_port, raise_nofile, vmrss_kib
 
@@ -72,6 +91,31 @@ MONOTONIC = (
     "tcpproxy_connections_rejected_total",
     "tcpproxy_connection_duration_seconds_count",
 )
+# The hostile patterns' checks: (name, kind, variants). Each must have run, and gone right at
+# least once, on every TIGHT listener, with no illegitimate end.
+HOSTILE_CHECKS = (
+    (
+        "slow readers under a 2 s idle timeout: every byte, never closed as idle",
+        "slowidle",
+        ("reading",),
+    ),
+    (
+        "stalled readers: closed by the idle timeout with a reset, not a clean EOF",
+        "slowidle",
+        ("stall",),
+    ),
+    ("early reply, then the backend's reset: whole reply before the reset", "early", ("upload",)),
+    (
+        "client's reset after its half-close: noticed at once (end client_reset)",
+        "hcreset",
+        ("client_now", "client_ack"),
+    ),
+    (
+        "backend's reset after its half-close: answer, then the reset to the client",
+        "hcreset",
+        ("backend",),
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -84,6 +128,7 @@ class Mode:
     main_drain_s: float
     aux_drain_s: float
     main_idle_s: float
+    tight_idle_s: float  # the TIGHT listeners' (hostile patterns)
     shutdown_timeout_s: float
     poll_interval_s: float
     ejection_s: float
@@ -105,6 +150,7 @@ FULL = Mode(
     main_drain_s=20,
     aux_drain_s=8,
     main_idle_s=15,
+    tight_idle_s=2,
     shutdown_timeout_s=2,
     poll_interval_s=5,
     ejection_s=5,
@@ -129,6 +175,14 @@ FULL = Mode(
         idle_concurrency=12,
         idle_long_fraction=0.4,
         aux_share=0.3,
+        slowidle_concurrency=3,
+        slowidle_life_s=(5, 30),
+        slowidle_tick_s=(0.01, 0.05),
+        early_rate=1,
+        early_read_max=256 * 1024,
+        early_reply_max=16 * 1024,
+        hcreset_rate=1.5,
+        hcreset_bytes_max=64 * 1024,
     ),
 )
 QUICK = Mode(
@@ -140,6 +194,7 @@ QUICK = Mode(
     main_drain_s=5,
     aux_drain_s=3,
     main_idle_s=3,
+    tight_idle_s=2,
     shutdown_timeout_s=1,
     poll_interval_s=2,
     ejection_s=2,
@@ -155,6 +210,10 @@ QUICK = Mode(
         slow_bytes=(256 * 1024, 2 * MiB),
         slow_stall_s=0.8,
         idle_concurrency=6,
+        slowidle_concurrency=3,
+        slowidle_life_s=(2, 6),
+        early_rate=2,
+        hcreset_rate=3,
     ),
 )
 
@@ -246,7 +305,13 @@ class Soak:
         self.wall_offset = time.time() - time.monotonic()
         self.harness: list[str] = []  # problems of the soak itself, not of the proxy
         self.proxy_died: str | None = None
-        self.load = Load(mode.load, self.rng, lambda: dict(self.ctl.serving), mode.main_idle_s)
+        self.load = Load(
+            mode.load,
+            self.rng,
+            lambda: dict(self.ctl.serving),
+            mode.main_idle_s,
+            logged=lambda client, since: self.log.ended(client, since + self.wall_offset),
+        )
         self.t_load = self.t0
         self.t_sigterm: float | None = None
         self.fds_at_start: dict[str, str] = {}
@@ -389,7 +454,19 @@ class Soak:
             engine="splice" if engine == "mixed" else engine,
             ejection_s=m.ejection_s,
         )
-        return RouteSpec((main, aux))
+        tight = tuple(
+            ListenerSpec(
+                name,
+                ports[name],
+                tuple((b, 1) for b in HOSTILE_BACKENDS),
+                m.aux_drain_s,
+                m.tight_idle_s,
+                engine=lst.engine,
+                ejection_s=m.ejection_s,
+            )
+            for name, lst in zip(TIGHT, (main, aux), strict=True)
+        )
+        return RouteSpec((main, aux, *tight))
 
     async def run(self) -> dict[str, Any]:
         m = self.mode
@@ -400,7 +477,8 @@ class Soak:
             f"workdir {self.workdir}"
         )
         ports = {MAIN: listen_port(), AUX: listen_port(), "aux2": listen_port()}
-        for name in BACKEND_NAMES:
+        ports.update({name: listen_port() for name in TIGHT})
+        for name in (*BACKEND_NAMES, *HOSTILE_BACKENDS):
             await self.ctl.start_backend(name, listen_port(), 1)
             self.say(f"backend {name} on :{self.ctl.backends[name].port}")
         spec = self.initial_spec(ports)
@@ -465,7 +543,16 @@ class Soak:
     def budget_max(self) -> float:
         p = self.mode.load
         slow_s = p.slow_bytes[1] / (p.slow_read_bytes / p.slow_tick_s)
-        return max(p.stream_life_s[1] + 30, 120, 2 * slow_s + 30, 2 * self.mode.main_idle_s + 20)
+        return max(
+            p.stream_life_s[1] + 30,
+            120,
+            2 * slow_s + 30,
+            2 * self.mode.main_idle_s + 20,
+            self.slowidle_budget(),
+        )
+
+    def slowidle_budget(self) -> float:
+        return 3 * self.mode.load.slowidle_life_s[1] + 10 * self.mode.tight_idle_s + 30
 
     async def drive(self, stop_at: float) -> None:
         m, load = self.mode, self.load
@@ -488,6 +575,20 @@ class Soak:
                 "reset", p.reset_rate, load.resetter(), cap=p.rr_cap, budget_s=30, stop_at=stop_at
             ),
             load.keep("idle", p.idle_concurrency, load.idle(), 2 * m.main_idle_s + 20, stop_at),
+            load.keep(
+                "slowidle", p.slowidle_concurrency, load.slowidle(), self.slowidle_budget(), stop_at
+            ),
+            load.at_rate(
+                "early", p.early_rate, load.early(), cap=p.rr_cap, budget_s=30, stop_at=stop_at
+            ),
+            load.at_rate(
+                "hcreset",
+                p.hcreset_rate,
+                load.hcreset(),
+                cap=p.rr_cap,
+                budget_s=30,
+                stop_at=stop_at,
+            ),
             self.ctl.chaos(stop_at - 2 * m.chaos_interval_s, m.chaos_interval_s),
         ]
         tasks = [asyncio.get_running_loop().create_task(j) for j in jobs]
@@ -589,6 +690,7 @@ class Soak:
                 "unmatched_log_lines": v.unmatched_log_lines[:REPORT_LIMIT],
                 "log_lines_without_client_address": v.lines_without_client_address,
             },
+            "hostile": {k: dict(c.most_common()) for k, c in sorted(v.hostile.items())},
             "bytes": {
                 "relayed_up": v.relayed_up,
                 "relayed_down": v.relayed_down,
@@ -656,6 +758,7 @@ class Soak:
             },
         }
         checks = self.checks(doc, completed, rest0, rest1)
+        checks[3:3] = hostile_checks(v)
         doc["checks"] = [c.to_json() for c in checks]
         doc["verdict"] = report.verdict(checks)
         return doc
@@ -812,6 +915,41 @@ class Soak:
             )
         )
         return out
+
+
+def hostile_checks(v: Verdicts) -> list[Check]:
+    """One check per hostile pattern: no illegitimate end, and at least one connection that
+    went exactly right for every variant on every TIGHT listener (else it proves nothing)."""
+    out = []
+    for name, kind, variants in HOSTILE_CHECKS:
+        assert all(x in HOSTILE_VARIANTS[kind] for x in variants)
+        ran = failed = 0
+        bad: Counter[str] = Counter()
+        unproven = []
+        for variant in variants:
+            for listener in TIGHT:
+                key = f"{kind}.{variant}@{listener}"
+                causes = v.hostile.get(key, Counter())
+                ran += causes.total()
+                if not any(causes[c] for c in HOSTILE_PASSES):
+                    unproven.append(key)
+                for cause, n in causes.items():
+                    if cause not in HOSTILE_PASSES and cause not in EXPECTED_CAUSES:
+                        failed += n
+                        bad[f"{cause} ({variant}@{listener})"] += n
+        notes = [f"{c} x{n}" for c, n in bad.most_common(4)]
+        if unproven:
+            notes.append("never went right: " + ", ".join(unproven))
+        out.append(
+            Check(
+                name,
+                not failed and not unproven,
+                f"{failed} failed of {ran}",
+                "0 failed, each variant right at least once per listener",
+                note="; ".join(notes),
+            )
+        )
+    return out
 
 
 def _series(key: tuple[str, tuple[tuple[str, str], ...]]) -> str:

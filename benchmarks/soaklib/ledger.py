@@ -10,6 +10,13 @@ to was killed or restarted meanwhile, or when the proxy closed it for drain dead
 timeout or shutdown *and* that was due: the backend had been removed `drain_timeout` before,
 the connection had been silent for `idle_timeout`, the proxy had been told to stop. Anything
 else is an unexpected close, and bytes it did not deliver are lost bytes.
+
+The hostile kinds (clients.HOSTILE_VARIANTS) each have one right outcome, which the client
+and the access log must both show (`_hostile_cause`): a slow reader is never closed as idle
+while bytes were moving, a stalled one is closed by the idle timeout with a reset, an early
+reply arrives whole before the backend's reset, a reset after a half-close is noticed and
+passed on (end `client_reset` / `backend_reset`, not a connection left until its idle
+timeout).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from typing import Any
 
 from soaklib.clients import (
     CLIENT_RESET,
+    EXPECTED_RESET,
+    HOSTILE_VARIANTS,
     OK,
     REFUSED,
     TIMEOUT,
@@ -40,6 +49,9 @@ KILL_SLACK_S = 0.2
 JOIN_SLACK_S = 2.0
 # The proxy closes drained connections over this window after the deadline (listener.py).
 DRAIN_WINDOW_S = 1.0
+# A client looking for its own access-log line: a line of a connection opened this long
+# before the client started is not its own (the same port, reused).
+OWN_LINE_SLACK_S = 0.25
 
 EXPECTED_CAUSES = (
     "completed",
@@ -49,7 +61,10 @@ EXPECTED_CAUSES = (
     IDLE_TIMEOUT,
     SHUTDOWN,
     "listener_not_serving",
+    "expected_reset",
 )
+# Causes that mean a hostile connection went exactly right (others may be legitimate too).
+HOSTILE_PASSES = frozenset({"completed", "expected_reset", "client_reset"})
 
 
 @dataclass(frozen=True)
@@ -79,8 +94,17 @@ class ProxyLog:
     connect_failures: Counter[str] = field(default_factory=Counter)
     warnings: Counter[str] = field(default_factory=Counter)
     ejections: Counter[str] = field(default_factory=Counter)  # listener/backend -> times
+    by_client: dict[str, list[AccessEntry]] = field(default_factory=dict)
     lines: int = 0
     _partial: str = ""
+
+    def ended(self, client: str, since_wall: float) -> str | None:
+        """The end reason of the connection from `client` opened after `since_wall` (Unix
+        time), once its line is in; None before."""
+        for e in reversed(self.by_client.get(client, ())):
+            if e.opened_wall >= since_wall - OWN_LINE_SLACK_S:
+                return e.end
+        return None
 
     def feed(self, text: str) -> None:
         text = self._partial + text
@@ -110,18 +134,18 @@ class ProxyLog:
         severity = str(doc.get("severity", ""))
         message = str(doc.get("message", ""))
         if doc.get("logger") == "tcpproxy.access":
-            self.access.append(
-                AccessEntry(
-                    listener=str(doc["listener"]),
-                    backend=doc.get("backend"),
-                    client=str(doc["client"]),
-                    bytes_up=int(doc["bytes_up"]),
-                    bytes_down=int(doc["bytes_down"]),
-                    duration_s=float(doc["duration_s"]),
-                    end=str(doc["end"]),
-                    closed_wall=datetime.fromisoformat(str(doc["time"])).timestamp(),
-                )
+            entry = AccessEntry(
+                listener=str(doc["listener"]),
+                backend=doc.get("backend"),
+                client=str(doc["client"]),
+                bytes_up=int(doc["bytes_up"]),
+                bytes_down=int(doc["bytes_down"]),
+                duration_s=float(doc["duration_s"]),
+                end=str(doc["end"]),
+                closed_wall=datetime.fromisoformat(str(doc["time"])).timestamp(),
             )
+            self.access.append(entry)
+            self.by_client.setdefault(entry.client, []).append(entry)
             return
         if message.startswith("config rejected"):
             self.rejections += 1
@@ -193,6 +217,8 @@ class Verdicts:
     lines_without_client_address: int = 0
     relayed_up: int = 0
     relayed_down: int = 0
+    # Hostile kinds: "kind.variant@listener" -> causes
+    hostile: dict[str, Counter[str]] = field(default_factory=dict)
 
 
 def _removals(
@@ -304,10 +330,60 @@ def _killed(facts: Facts, rec: ConnRecord, entry: AccessEntry | None) -> bool:
     return False
 
 
+def _idle_timeout(facts: Facts, listener: str, t: float) -> float:
+    """The listener's idle timeout in the last config written before `t` (0: none)."""
+    lst = None
+    for a in facts.applied:
+        if a.t_write <= t:
+            lst = a.spec.get(listener) or lst
+    return lst.idle_timeout_s if lst is not None else 0.0
+
+
+def _silent(rec: ConnRecord, t_close: float, idle: float) -> bool:
+    """Had no byte moved either way, as the client saw it, for the idle timeout when the
+    proxy closed the connection as idle? (After its end the client moves nothing.)"""
+    if idle <= 0:
+        return False
+    spans = [*rec.silences, (rec.last_activity, float("inf"))]
+    return any(
+        t_close - start >= idle - DEADLINE_SLACK_S and end >= t_close - DEADLINE_SLACK_S
+        for start, end in spans
+    )
+
+
+def _hostile_cause(facts: Facts, rec: ConnRecord, entry: AccessEntry | None) -> tuple[str, bool]:
+    """A hostile kind's one right outcome: the client saw `want_outcome` and the proxy logged
+    `want_end` (any end, when None, but an idle close of a client that was not silent). Their
+    backends are never killed: nothing else is legitimate, but an idle close of a client that
+    did fall silent (a starved machine) when no end was prescribed."""
+    end = entry.end if entry is not None else None
+    if rec.outcome == REFUSED:
+        return "refused_while_serving", False
+    t_close = entry.closed_wall - facts.wall_offset if entry is not None else rec.t_end
+    silent = end == IDLE_TIMEOUT and _silent(
+        rec, t_close, _idle_timeout(facts, rec.listener, t_close)
+    )
+    if end == IDLE_TIMEOUT and not silent:
+        return "idle_close_while_active", False
+    if rec.outcome == rec.want_outcome and end is not None and rec.want_end in (None, end):
+        return {EXPECTED_RESET: "expected_reset", CLIENT_RESET: "client_reset"}.get(
+            rec.outcome, "completed"
+        ), True
+    if rec.outcome == rec.want_outcome:
+        return f"end_{end or 'no_log_line'}_not_{rec.want_end or 'logged'}", False
+    if silent and rec.want_end is None:
+        return IDLE_TIMEOUT, True
+    if rec.problem:
+        return rec.problem, False
+    return f"unexpected:{end or 'no_log_line'}/{rec.outcome}", False
+
+
 def _cause(facts: Facts, rec: ConnRecord, entry: AccessEntry | None) -> tuple[str, bool]:
     """(cause, legitimate) of one connection's end."""
     if rec.corrupted:
         return "corrupted", False
+    if rec.kind in HOSTILE_VARIANTS:
+        return _hostile_cause(facts, rec, entry)
     if rec.outcome == OK:
         return "completed", True
     if rec.outcome == CLIENT_RESET and rec.intended_reset:
@@ -329,11 +405,7 @@ def _cause(facts: Facts, rec: ConnRecord, entry: AccessEntry | None) -> tuple[st
                 return DRAIN_DEADLINE, True
         return "premature_drain_close", False
     if end == IDLE_TIMEOUT:
-        lst = None
-        for a in facts.applied:
-            if a.t_write <= t_close:
-                lst = a.spec.get(rec.listener) or lst
-        idle = lst.idle_timeout_s if lst is not None else 0.0
+        idle = _idle_timeout(facts, rec.listener, t_close)
         if idle > 0 and t_close - rec.last_activity >= idle - DEADLINE_SLACK_S:
             return IDLE_TIMEOUT, True
         return "premature_idle_close", False
@@ -393,7 +465,12 @@ def classify(facts: Facts) -> Verdicts:
                     **rec.to_json(facts.t0),
                 }
             )
-        if cause == "completed":
+        if rec.kind in HOSTILE_VARIANTS:
+            key = f"{rec.kind}.{rec.variant}@{rec.listener}"
+            v.hostile.setdefault(key, Counter())[cause] += 1
+            if cause in HOSTILE_PASSES:
+                _check_hostile_counts(v, rec, entry)
+        elif cause == "completed":
             _check_counts(v, rec, entry)
         if rec.backend is not None and rec.t_greeting is not None:
             spec = _config_at(facts.applied, rec.t_start, rec.t_greeting)
@@ -421,6 +498,31 @@ def _check_counts(v: Verdicts, rec: ConnRecord, entry: AccessEntry | None) -> No
             {
                 "id": rec.id,
                 "kind": rec.kind,
+                "client_up": rec.up,
+                "client_down": rec.down,
+                "proxy_up": entry.bytes_up,
+                "proxy_down": entry.bytes_down,
+            }
+        )
+
+
+def _check_hostile_counts(v: Verdicts, rec: ConnRecord, entry: AccessEntry | None) -> None:
+    """A hostile connection that went right: the bytes that had to get through did, by the
+    proxy's count too. Both ways for a slow reader; down (every byte read from the backend
+    reached the client) after a backend's reset; up (the client's last bytes were read, to be
+    delivered) after the client's. A stalled reader's reset discards bytes on purpose."""
+    if entry is None:
+        v.unmatched_log_lines.append({"client": rec.client, "end": None, "id": rec.id})
+        return
+    if rec.variant == "stall":
+        return
+    up_due = rec.want_outcome in (OK, CLIENT_RESET)
+    down_due = rec.want_outcome in (OK, EXPECTED_RESET)
+    if (up_due and entry.bytes_up != rec.up) or (down_due and entry.bytes_down != rec.down):
+        v.byte_mismatches.append(
+            {
+                "id": rec.id,
+                "kind": f"{rec.kind}.{rec.variant}",
                 "client_up": rec.up,
                 "client_down": rec.down,
                 "proxy_up": entry.bytes_up,

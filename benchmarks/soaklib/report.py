@@ -220,6 +220,11 @@ def text(doc: Mapping[str, Any]) -> str:
         "closed by cause:    " + ", ".join(f"{k} {v}" for k, v in c["closed_by_cause"].items()),
         "proxy end reasons:  " + ", ".join(f"{k} {v}" for k, v in c["proxy_end_reasons"].items()),
         f"unexpected closes:  {c['unexpected_closes']}",
+        "hostile patterns:   (kind.variant@listener: causes)",
+        *(
+            f"  {key}: " + ", ".join(f"{k} {n}" for k, n in causes.items())
+            for key, causes in doc.get("hostile", {}).items()
+        ),
         "",
         f"bytes relayed:      up {b['relayed_up']:,}, down {b['relayed_down']:,}",
         f"bytes verified:     {b['verified']:,} of {b['expected']:,} expected "

@@ -3,6 +3,11 @@
 Invariant of every good config: each listener has at least two backends with weight > 0, so
 that with one backend down (the soak kills one at a time) a new connection always has a live
 backend to go to, and `connect_failed` or `rejected_no_backend` is never a legitimate end.
+
+The two `TIGHT` listeners carry the hostile patterns (slow readers under a short idle timeout,
+resets after early replies and after half-closes). Their config is the same in every write
+(reloads still go through them) and their backends `HOSTILE_BACKENDS` are never killed, so
+that each of those connections has one right outcome.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-BACKEND_NAMES = ("b1", "b2", "b3", "b4")
+BACKEND_NAMES = ("b1", "b2", "b3", "b4")  # the ones chaos kills and config changes move
+HOSTILE_BACKENDS = ("h1", "h2")
 MAIN = "main"
 AUX = "aux"
+TIGHT = ("tight", "tight2")  # main's engine, aux's engine
 MAX_WEIGHT = 10
 
 
