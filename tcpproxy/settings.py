@@ -86,18 +86,20 @@ def _split_hosts(value: object) -> object:
 
 
 def _check_hosts(hosts: tuple[str, ...]) -> tuple[str, ...]:
+    """Bare host names and addresses, lower case, IPv6 without brackets."""
+    checked = []
     for host in hosts:
-        if host == "*":
-            continue
         bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        try:
-            ipaddress.ip_address(bare)
-        except ValueError:
-            if not _HOST_NAME_RE.fullmatch(host):
-                raise ValueError(
-                    f"{host!r} is not a host name or IP address (no port, no scheme)"
-                ) from None
-    return tuple(h.lower() for h in hosts)
+        if bare != "*":
+            try:
+                ipaddress.ip_address(bare)
+            except ValueError:
+                if not _HOST_NAME_RE.fullmatch(bare):
+                    raise ValueError(
+                        f"{host!r} is not a host name or IP address (no port, no scheme)"
+                    ) from None
+        checked.append(bare.lower())
+    return tuple(checked)
 
 
 class Settings(BaseSettings):

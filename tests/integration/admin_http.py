@@ -6,17 +6,16 @@ from outside the event loop.
 
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tcpproxy.admin import start_admin
+from tcpproxy.admin import AdminOptions, start_admin
 from tcpproxy.proxy import Proxy
 from tests.harness import LoopThread, free_port
 
@@ -65,30 +64,60 @@ class Scrape:
 
 
 class Admin:
-    """The admin server of `proxy`, started on a free loopback port of its loop thread."""
+    """The admin server of `proxy`, started on a free loopback port of its loop thread (or
+    on `host`), with `options`. Requests carry the admin token when `options` has one."""
 
-    def __init__(self, thread: LoopThread, proxy: Proxy) -> None:
+    def __init__(
+        self,
+        thread: LoopThread,
+        proxy: Proxy,
+        options: AdminOptions | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.thread = thread
-        port = free_port()
-        self.runner: web.AppRunner = thread.run(start_admin(proxy, f"127.0.0.1:{port}"))
-        self.url = f"http://127.0.0.1:{port}"
+        self.options = options or AdminOptions()
+        self.port = free_port()
+        self.address = f"{host}:{self.port}"
+        self.runner: web.AppRunner = thread.run(start_admin(proxy, self.address, self.options))
+        connect = "127.0.0.1" if host == "0.0.0.0" else host
+        self.url = f"http://{connect}:{self.port}"
+        self.token = self.options.token
+        if self.options.token_file is not None:
+            self.token = self.options.token_file.read_text().strip()
 
     def request(
-        self, path: str, method: str = "GET", headers: dict[str, str] | None = None
+        self,
+        path: str,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        token: bool = True,
     ) -> Response:
-        request = urllib.request.Request(self.url + path, method=method, headers=headers or {})
+        """Exactly these headers (plus Host, unless given, and Content-Length) and body.
+        `token`: add the admin token (if there is one) to a state-changing request."""
+        headers = dict(headers or {})
+        if token and self.token is not None and method not in ("GET", "HEAD"):
+            headers.setdefault("Authorization", f"Bearer {self.token}")
+        host, _, port = self.url.removeprefix("http://").rpartition(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=HTTP_TIMEOUT_S)
         try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
-                return Response(response.status, dict(response.headers), response.read())
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return Response(exc.code, dict(exc.headers), exc.read())
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            return Response(response.status, dict(response.headers), response.read())
+        finally:
+            conn.close()
 
     def get(self, path: str) -> Response:
         return self.request(path)
 
-    def post(self, path: str) -> Response:
-        return self.request(path, method="POST")
+    def post(
+        self,
+        path: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        token: bool = True,
+    ) -> Response:
+        return self.request(path, "POST", headers, body, token)
 
     def status(self) -> Any:
         response = self.get("/status")
@@ -109,14 +138,20 @@ class Admin:
         self.thread.run(self.runner.cleanup())
 
 
-def admins(loop_thread: LoopThread) -> Iterator[Callable[[Proxy], Admin]]:
+class StartAdmin(Protocol):
+    def __call__(
+        self, proxy: Proxy, options: AdminOptions | None = None, host: str = "127.0.0.1"
+    ) -> Admin: ...
+
+
+def admins(loop_thread: LoopThread) -> Iterator[StartAdmin]:
     """Fixture body: start admin servers for proxies; they are stopped after the test.
 
     A test module says `admins = pytest.fixture(admin_http.admins)` to use it."""
     started: list[Admin] = []
 
-    def start(proxy: Proxy) -> Admin:
-        admin = Admin(loop_thread, proxy)
+    def start(proxy: Proxy, options: AdminOptions | None = None, host: str = "127.0.0.1") -> Admin:
+        admin = Admin(loop_thread, proxy, options, host)
         started.append(admin)
         return admin
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,91 @@ def test_unrelated_tcpproxy_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("TCPPROXY_SERVICE_HOST", "10.0.0.1")
 
     assert isinstance(load_settings(), Settings)
+
+
+def test_admin_defaults() -> None:
+    settings = load_settings()
+
+    assert settings.admin_token is None
+    assert settings.admin_token_file is None
+    assert settings.admin_allowed_hosts == ()
+    assert settings.admin_read_timeout == 10.0
+    assert settings.admin_max_connections == 64
+
+
+def test_admin_allowed_hosts_from_env_and_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCPPROXY_ADMIN_ALLOWED_HOSTS", "tcpproxy-admin, Admin.Example ,10.0.0.7")
+
+    assert load_settings().admin_allowed_hosts == ("tcpproxy-admin", "admin.example", "10.0.0.7")
+    assert load_settings(admin_allowed_hosts="*").admin_allowed_hosts == ("*",)
+    assert load_settings(admin_allowed_hosts="[::2]").admin_allowed_hosts == ("::2",)
+
+
+@pytest.mark.parametrize("value", ["http://x", "host:9901", "a b"])
+def test_admin_allowed_hosts_are_bare_hosts(value: str) -> None:
+    with pytest.raises(SettingsError, match=r"^--admin-allowed-hosts: .*not a host name"):
+        load_settings(admin_allowed_hosts=value)
+
+
+def test_admin_token_from_env_is_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCPPROXY_ADMIN_TOKEN", "  0123456789abcdef-long-enough\n")
+
+    settings = load_settings()
+
+    assert settings.admin_token is not None
+    assert settings.admin_token.get_secret_value() == "0123456789abcdef-long-enough"
+    assert "0123456789" not in repr(settings)
+
+
+def test_a_short_admin_token_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCPPROXY_ADMIN_TOKEN", "admin")
+
+    with pytest.raises(SettingsError, match=r"^TCPPROXY_ADMIN_TOKEN: .*at least 16 characters"):
+        load_settings()
+
+
+def test_admin_token_file_must_be_readable_and_long_enough(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    with pytest.raises(
+        SettingsError, match="^--admin-token-file: cannot read " + re.escape(str(path))
+    ):
+        load_settings(admin_token_file=path)
+    path.write_text("short\n")
+    with pytest.raises(SettingsError, match="at least 16 characters"):
+        load_settings(admin_token_file=path)
+    path.write_text("0123456789abcdef-long-enough\n")
+    assert load_settings(admin_token_file=path).admin_token_file == path
+
+
+def test_one_admin_token_source_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("0123456789abcdef-long-enough")
+    monkeypatch.setenv("TCPPROXY_ADMIN_TOKEN", "0123456789abcdef-long-enough")
+
+    with pytest.raises(SettingsError, match=r"^set the admin token once"):
+        load_settings(admin_token_file=path)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("admin_read_timeout", "0"),
+        ("admin_read_timeout", "soon"),
+        ("admin_max_connections", 0),
+        ("admin_max_connections", "many"),
+    ],
+)
+def test_bad_admin_limits(flag: str, value: object) -> None:
+    option = "--" + flag.replace("_", "-")
+
+    with pytest.raises(SettingsError, match=f"^{option}: "):
+        load_settings(**{flag: value})
+
+
+def test_admin_limits_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCPPROXY_ADMIN_READ_TIMEOUT", "250ms")
+    monkeypatch.setenv("TCPPROXY_ADMIN_MAX_CONNECTIONS", "8")
+
+    settings = load_settings()
+
+    assert (settings.admin_read_timeout, settings.admin_max_connections) == (0.25, 8)
