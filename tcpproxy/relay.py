@@ -40,13 +40,15 @@ log = logging.getLogger("tcpproxy")
 
 # One read; also the most a direction holds in user space while its destination is full.
 READ_CHUNK_BYTES = BUFFER_BYTES
-# Client bytes held while the backend connection is being set up; past this, stop reading.
-PRECONNECT_BUFFER_BYTES = 256 * 1024
+# Client bytes held while the backend connection is being set up; past this, stop reading
+# (the kernel holds the rest). Enough for any greeting and a PROXY header.
+PRECONNECT_BUFFER_BYTES = 16 * 1024
 
 # Reads per wake-up before other connections get a turn.
 PUMP_ROUNDS = 4
-# A read smaller than this is written at the end of the event batch, with the others.
-BATCHED_WRITE_MAX_BYTES = 16 * 1024
+# A taking read's size, and so the most a direction holds while dst is full. A read that
+# fills it switches that direction to look-first reads of READ_CHUNK_BYTES (_pump).
+SMALL_READ_BYTES = 16 * 1024
 # After a peer's reset, how long its last bytes may take to reach the other peer before that
 # one is reset too, and how often the wait looks (there is no event for "acknowledged").
 LAST_BYTES_MAX_S = 5.0
@@ -101,7 +103,19 @@ class Direction:
     """One way: src socket -> dst socket. Byte-level facts only; what the connection does
     about them is its lifecycle state."""
 
-    __slots__ = ("dst", "eof", "hup", "in_pipe", "pipe", "ready", "rest", "src", "upstream")
+    __slots__ = (
+        "blocked",
+        "bulk",
+        "dst",
+        "eof",
+        "hup",
+        "in_pipe",
+        "pipe",
+        "ready",
+        "rest",
+        "src",
+        "upstream",
+    )
 
     def __init__(self, src: socket.socket, dst: socket.socket | None, upstream: bool) -> None:
         self.src = src
@@ -116,6 +130,10 @@ class Direction:
         self.pipe: tuple[int, int] | None = None  # the splice engine's
         self.in_pipe = 0  # bytes in that pipe
         self.eof = False  # src sent FIN (or is gone): never read again
+        # Reads fill the small size: look before taking (copy engine, see Connection._pump).
+        self.bulk = False
+        # dst did not take all that was looked at: wait for its writable event.
+        self.blocked = False
 
 
 class Connection:
@@ -244,7 +262,7 @@ class Connection:
         if events & _ERROR and self._socket_error(client=True):
             return
         down = self.down
-        if events & _WRITABLE and down is not None and (down.rest or down.in_pipe):
+        if events & _WRITABLE and down is not None and (down.rest or down.in_pipe or down.blocked):
             self._flush(down)
             if not self.relaying:
                 return
@@ -256,7 +274,7 @@ class Connection:
             if up.dst is None:
                 if not up.eof:
                     self._read_early()
-            elif not (up.rest or up.in_pipe or up.eof):
+            elif not (up.rest or up.in_pipe or up.eof or up.blocked):
                 self._pump(up)
 
     def _on_upstream(self, events: int) -> None:
@@ -268,7 +286,7 @@ class Connection:
         if events & _ERROR and self._socket_error(client=False):
             return
         up = self.up
-        if events & _WRITABLE and (up.rest or up.in_pipe):
+        if events & _WRITABLE and (up.rest or up.in_pipe or up.blocked):
             self._flush(up)
             if not self.relaying:
                 return
@@ -276,7 +294,7 @@ class Connection:
             down.ready = True
             if events & _HANGUP:
                 down.hup = True
-            if not (down.rest or down.in_pipe or down.eof):
+            if not (down.rest or down.in_pipe or down.eof or down.blocked):
                 self._pump(down)
 
     def _socket_error(self, client: bool) -> bool:
@@ -403,14 +421,22 @@ class Connection:
     # -- the data path --
 
     def _pump(self, d: Direction) -> None:
-        """src has bytes: read and write them on at once, until src is empty or dst full."""
+        """src has bytes: read and write them on at once, until src is empty or dst full.
+
+        A small read takes the bytes; a stream that fills small reads is read by looking
+        first (MSG_PEEK) and then taking only what dst took (MSG_TRUNC: no copy), so a full
+        dst leaves them in src's kernel queue rather than here. Held per direction: at most
+        one small read, whatever the speeds."""
         assert d.dst is not None
         poller = self.poller
         buffer = poller.buffer
         view = poller.view
+        src = d.src
         for _ in range(PUMP_ROUNDS):
+            peek = d.bulk
+            limit = READ_CHUNK_BYTES if peek else SMALL_READ_BYTES
             try:
-                n = d.src.recv_into(buffer)
+                n = src.recv_into(buffer, limit, socket.MSG_PEEK if peek else 0)
             except BlockingIOError:
                 d.ready = False
                 return
@@ -422,17 +448,18 @@ class Connection:
                 d.eof = True
                 self._pass_fin(d)
                 return
-            if n < READ_CHUNK_BYTES and not d.hup:
+            if n < limit and not d.hup:
                 d.ready = False  # a short read took all there was
-            if d.upstream:
-                self.bytes_up += n
-            else:
-                self.bytes_down += n
-            if n < BATCHED_WRITE_MAX_BYTES and not d.ready and poller.dispatching:
-                # A small read, all there was: write it with the rest of the batch's writes.
-                d.rest = view[:n].tobytes()
-                poller.writes.append((self, d))
-                return
+            if not peek:
+                if d.upstream:
+                    self.bytes_up += n
+                else:
+                    self.bytes_down += n
+                if not d.ready and poller.dispatching:
+                    # A small read, all there was: write it with the rest of the batch's writes.
+                    d.rest = view[:n].tobytes()
+                    poller.writes.append((self, d))
+                    return
             try:
                 sent = d.dst.send(view[:n])
             except BlockingIOError:
@@ -440,10 +467,26 @@ class Connection:
             except OSError as exc:
                 self._lost(exc, client=not d.upstream)
                 return
-            if sent < n:
-                # dst is full: keep the rest; its next writable event goes on from there.
-                d.rest = view[sent:n].tobytes()
-                return
+            if peek:
+                if sent:
+                    src.recv_into(buffer, sent, socket.MSG_TRUNC)  # take what dst took
+                    if d.upstream:
+                        self.bytes_up += sent
+                    else:
+                        self.bytes_down += sent
+                if sent < n:
+                    # dst is full; the rest waits in src. dst's writable event goes on.
+                    d.ready = True
+                    d.blocked = True
+                    return
+                d.bulk = n >= SMALL_READ_BYTES
+            else:
+                d.bulk = True if sent < n else n == SMALL_READ_BYTES
+                if sent < n:
+                    # dst is full: keep the rest (one small read at most); its next
+                    # writable event goes on from there.
+                    d.rest = view[sent:n].tobytes()
+                    return
             if not d.ready:
                 return
         # Still more: let other connections run first.
@@ -455,7 +498,9 @@ class Connection:
             self._flush(d)
 
     def _resume(self, d: Direction) -> None:
-        if d.ready and not (self.state is State.CLOSED or d.rest or d.in_pipe or d.eof):
+        if d.ready and not (
+            self.state is State.CLOSED or d.rest or d.in_pipe or d.eof or d.blocked
+        ):
             try:
                 self._pump(d)
             except Exception as exc:  # not under the poller's guard: the same rule
@@ -464,6 +509,11 @@ class Connection:
     def _flush(self, d: Direction) -> None:
         """dst is writable: write what it did not take before, then go on reading src."""
         assert d.dst is not None
+        if d.blocked:
+            d.blocked = False  # nothing held: the bytes dst did not take are still in src
+            if d.ready and not d.eof:
+                self._pump(d)
+            return
         rest = d.rest
         try:
             sent = d.dst.send(rest)
@@ -489,15 +539,14 @@ class Connection:
             held += len(self.down.rest)
         return held
 
-    def _holding(self) -> bool:
-        """Bytes that closing now would discard: held here, or received and not read yet
-        (a close sends them nowhere)."""
-        if self.buffered_bytes():
-            return True
-        return any(
-            sock is not None and _queued(sock, termios.FIONREAD) > 0
-            for sock in (self.sock, self.upstream)
-        )
+    def undelivered_bytes(self) -> int:
+        """Bytes received from a peer and not yet passed on: held here, or still in a
+        socket's receive queue (where a full destination leaves them)."""
+        held = self.buffered_bytes()
+        for sock in (self.sock, self.upstream):
+            if sock is not None:
+                held += _queued(sock, termios.FIONREAD)
+        return held
 
     def _pass_fin(self, d: Direction) -> None:
         """src sent FIN and every byte before it is written to dst."""
@@ -523,6 +572,7 @@ class Connection:
         # Nothing more goes to the side that is gone.
         other.eof = True
         other.rest = b""
+        other.blocked = d.blocked = False
         self._drop_pipe(other)
         held = [bytes(d.rest), self._take_pipe(d)]
         while not d.eof:
@@ -573,7 +623,7 @@ class Connection:
         FIN when nothing is lost by it, else a reset."""
         if self.state is not State.CLOSED:
             self.reason = reason
-            self._event(Event.SHUT, self._holding())
+            self._event(Event.SHUT, self.undelivered_bytes() > 0)
 
     def fail(self, exc: BaseException) -> None:
         """A bug in a handler: reset this connection rather than leave it stalled."""

@@ -89,8 +89,9 @@ def _closed_as(running: RunningProxy, reason: str) -> float:
 
 
 def _buffered(proxy: Proxy) -> int:
+    """Bytes the proxy has received and not passed on (held, or left in its sockets)."""
     return sum(
-        conn.buffered_bytes()
+        conn.undelivered_bytes()
         for listener in proxy.all_listeners()
         for conn in listener.live_connections()
     )
