@@ -37,10 +37,19 @@ listeners:
     connect_timeout: 2s
     idle_timeout: 1h
 """
+# Echo bytes a client has not taken, per connection, before the echo stops reading from it.
+ECHO_WRITE_HIGH_WATER_BYTES = 64 * 1024
 
 
 class EchoProtocol(asyncio.Protocol):
-    """Greets with its name, then sends back every byte it receives."""
+    """Greets with its name, then sends back every byte it receives.
+
+    Flow control: while the client does not take the echo (its socket is full), the bytes
+    wait in the transport's write buffer; above ECHO_WRITE_HIGH_WATER_BYTES the transport
+    calls pause_writing and the client is not read until the buffer has drained below the
+    low-water mark (resume_writing). A client that sends and never reads is then held back by
+    TCP itself, and the echo holds at most the high-water mark plus one read per connection.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -49,11 +58,22 @@ class EchoProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=ECHO_WRITE_HIGH_WATER_BYTES)
         transport.write(f"hello from {self.name}\n".encode())
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        assert self.transport is not None
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.transport is not None
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         # Client is done sending: finish our echo, then close (False closes after flushing).
