@@ -4,51 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import signal
 import struct
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-from tests.e2e.processes import REPO, START_S, Process, http
+from tests.e2e.browser import ARTIFACTS, WINDOW, chromium
+from tests.e2e.processes import START_S, Process, http
 from tests.harness import Client, clients, config_yaml, free_port, listener_yaml, wait_until
-
-# Where a person can look at what the test saw (gitignored).
-ARTIFACTS = REPO / "tests" / "artifacts"
-CHROMIUM_TIMEOUT_S = 60
-WINDOW = (1280, 900)
-
-
-def chromium(profile: Path, *args: str) -> str:
-    """Run headless Chromium once (dump the DOM, take a screenshot); return its stdout."""
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert binary, "chromium is missing: ./scripts/test installs it (Debian package chromium)"
-    result = subprocess.run(
-        [
-            binary,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            f"--window-size={WINDOW[0]},{WINDOW[1]}",
-            f"--user-data-dir={profile}",
-            *args,
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=CHROMIUM_TIMEOUT_S,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 class Page(HTMLParser):
