@@ -10,7 +10,8 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from tcpproxy.admin import start_admin
+from tcpproxy import limits
+from tcpproxy.admin import AdminOptions, start_admin
 from tcpproxy.config import ConfigError
 from tcpproxy.proxy import Proxy, os_error_text
 from tcpproxy.reloader import Reloader
@@ -52,6 +53,7 @@ async def serve(
     started: Callable[[Proxy], Awaitable[None]] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; return the exit code."""
+    limits.raise_open_files_limit()
     proxy = Proxy(settings.config, settings.metrics_linger)
     try:
         await proxy.start()
@@ -59,10 +61,12 @@ async def serve(
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
+    if proxy.applied is not None:
+        limits.check_at_start(proxy.applied.config.listeners)
     runner = None
     if settings.admin != "off":
         try:
-            runner = await start_admin(proxy, settings.admin)
+            runner = await start_admin(proxy, settings.admin, AdminOptions.from_settings(settings))
         except OSError as exc:
             print(f"--admin {settings.admin}: cannot listen: {os_error_text(exc)}", file=sys.stderr)
             await proxy.shutdown(0)
