@@ -4,6 +4,7 @@ rollout control. Who may change state: admin_access.py; its connections: admin_s
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import json
 import logging
@@ -453,14 +454,23 @@ Share is each backend's part of the weight of the backends that take new connect
 """
 
 
+def probe(proxy: Proxy, path: str) -> tuple[int, str] | None:
+    """/livez and /readyz as (status, text); None for any other path."""
+    if path == "/livez":
+        return 200, "ok\n"
+    if path == "/readyz":
+        return (200, "ready\n") if proxy.ready else (503, "not ready\n")
+    return None
+
+
 async def _livez(request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
+    status, text = probe(request.app[PROXY_KEY], "/livez") or (500, "")
+    return web.Response(status=status, text=text)
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    if request.app[PROXY_KEY].ready:
-        return web.Response(text="ready\n")
-    return web.Response(status=503, text="not ready\n")
+    status, text = probe(request.app[PROXY_KEY], "/readyz") or (500, "")
+    return web.Response(status=status, text=text)
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -624,7 +634,7 @@ async def start_admin(
         sock.close()
         raise
     try:
-        await AdminSite(runner, sock, conns).start()
+        await AdminSite(runner, sock, conns, functools.partial(probe, proxy)).start()
     except BaseException:
         sock.close()
         await runner.cleanup()

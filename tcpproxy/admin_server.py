@@ -11,8 +11,8 @@ that no client can hold the port or the process's descriptors:
   closed at once;
 - `SPARE_DESCRIPTORS` descriptors are held in reserve and given up one at a time to accept
   admin connections when the process has no other descriptor left (the data plane used them
-  up): the kubelet's probes are answered instead of timing out and restarting the pod, which
-  would cut every pinned connection.
+  up): /livez and /readyz are answered instead of timing out, which would make the kubelet
+  restart the pod and cut every pinned connection.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 
@@ -36,6 +36,8 @@ BACKLOG = 128
 ACCEPT_BATCH = 32
 # Out of descriptors with no spare left: wait this long before trying to accept again.
 ACCEPT_RETRY_S = 0.1
+# Out of descriptors, a request line longer than this is not a probe.
+STARVED_HEAD_BYTES = 2048
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 K = TypeVar("K")
@@ -232,7 +234,6 @@ class Connections:
         self.read_timeout = read_timeout
         self.slots: Slots[AdminConnection] = Slots(max_connections)
         self._by_transport: dict[asyncio.BaseTransport, AdminConnection] = {}
-        self.on_lost: Callable[[], None] = lambda: None
         self.refused = 0  # new connections closed at once at the cap
         self.replaced = 0  # waiting connections closed to make room at the cap
 
@@ -258,7 +259,6 @@ class Connections:
         self.slots.close(conn)
         if conn.transport is not None:
             self._by_transport.pop(conn.transport, None)
-        self.on_lost()
 
     def request_started(self, transport: asyncio.BaseTransport | None) -> None:
         """A whole request has arrived: no deadline while it is answered."""
@@ -278,19 +278,31 @@ class Connections:
 
 
 class AdminSite(web.BaseSite):
-    """An aiohttp site on a listening socket whose connections this module accepts."""
+    """An aiohttp site on a listening socket whose connections this module accepts.
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, conns: Connections) -> None:
+    Out of descriptors, a connection is accepted on a spare one and answered here, not by
+    aiohttp: only the probes (`probes`: path -> (status, text)), everything else 503. Its
+    socket is closed here, and the spare taken back in the same step, before the data
+    plane could take the freed descriptor (a transport closes its socket later, in a
+    callback of its own)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        conns: Connections,
+        probes: Callable[[str], tuple[int, str] | None],
+    ) -> None:
         super().__init__(runner)
         self.sock = sock
         self.conns = conns
+        self.probes = probes
         self._loop = asyncio.get_running_loop()
         self._spares = SpareDescriptors(SPARE_DESCRIPTORS)
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry: asyncio.TimerHandle | None = None
         self._refusals = LogQuota(lines=1, window_s=10.0)
         self._starved = LogQuota(lines=1, window_s=10.0)
-        conns.on_lost = self._after_close
 
     @property
     def name(self) -> str:
@@ -308,10 +320,18 @@ class AdminSite(web.BaseSite):
             self.sock.close()
         for task in list(self._tasks):
             task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
         self._spares.close()
         await super().stop()
 
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _accept(self) -> None:
+        self._spares.refill()  # if an earlier refill found no descriptor free
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = self.sock.accept()
@@ -328,6 +348,9 @@ class AdminSite(web.BaseSite):
                 except OSError:
                     self._spares.refill()
                     return
+                self._log_starved(exc)
+                self._spawn(self._answer_starved(sock))
+                continue
             self._admit(sock, format_peer(peer))
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
@@ -336,7 +359,6 @@ class AdminSite(web.BaseSite):
         conn = AdminConnection(self.conns, server(), peer)
         if not self.conns.admit(conn):
             sock.close()
-            self._spares.refill()
             held_back = self._refusals.take()
             if held_back is not None:
                 log.warning(
@@ -347,9 +369,7 @@ class AdminSite(web.BaseSite):
                     f"; {held_back} more since the last such line" if held_back else "",
                 )
             return
-        task = self._loop.create_task(self._connect(conn, sock))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._connect(conn, sock))
 
     async def _connect(self, conn: AdminConnection, sock: socket.socket) -> None:
         try:
@@ -357,22 +377,60 @@ class AdminSite(web.BaseSite):
         except BaseException as exc:
             sock.close()
             self.conns.slots.close(conn)
-            self._after_close()
-            if not isinstance(exc, OSError):  # a client gone before it was set up
+            if not isinstance(exc, OSError):  # OSError: a client gone before it was set up
                 raise
 
-    def _after_close(self) -> None:
-        # The closed connection's descriptor is free now (uvloop) or right after this
-        # callback (asyncio): take it back for the reserve before the data plane does.
-        self._spares.refill()
-        self._loop.call_soon(self._spares.refill)
+    async def _answer_starved(self, sock: socket.socket) -> None:
+        """Answer a probe on a spare descriptor, then put the spare back."""
+        try:
+            sock.setblocking(False)
+            head = await asyncio.wait_for(self._read_head(sock), self.conns.read_timeout)
+            method, _, rest = head.partition(b" ")
+            path = rest.partition(b" ")[0].partition(b"?")[0].decode("ascii", "replace")
+            answer = self.probes(path) if method in (b"GET", b"HEAD") else None
+            status, text = answer or (
+                503,
+                "out of file descriptors: only /livez and /readyz are answered\n",
+            )
+            body = text.encode()
+            reason = {200: "OK", 503: "Service Unavailable"}.get(status, "")
+            response = (
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode() + (body if method != b"HEAD" else b"")
+            await asyncio.wait_for(self._loop.sock_sendall(sock, response), self.conns.read_timeout)
+        except (OSError, TimeoutError, ValueError):
+            pass  # the probe gave up or sent nonsense: nothing more to do for it
+        finally:
+            sock.close()
+            self._spares.refill()  # in the same step: the freed descriptor is ours again
+
+    async def _read_head(self, sock: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n" not in data:
+            chunk = await self._loop.sock_recv(sock, STARVED_HEAD_BYTES - len(data))
+            if not chunk or len(data) + len(chunk) >= STARVED_HEAD_BYTES:
+                raise ValueError("no request line")
+            data += chunk
+        return data.partition(b"\r\n")[0]
+
+    def _log_starved(self, exc: OSError) -> None:
+        held_back = self._starved.take()
+        if held_back is not None:
+            log.warning(
+                "admin server: out of file descriptors (%s): answering probes on spare "
+                "descriptors; raise the open files limit (ulimit -n) or lower "
+                "max_connections",
+                exc.strerror,
+            )
 
     def _pause(self, exc: OSError) -> None:
         held_back = self._starved.take()
         if held_back is not None:
             log.warning(
-                "admin server: cannot accept connections (%s) and no spare descriptor is "
-                "left; retrying every %.1f s",
+                "admin server: out of file descriptors (%s) and no spare one left; "
+                "trying again every %.1f s",
                 exc.strerror,
                 ACCEPT_RETRY_S,
             )
@@ -382,6 +440,4 @@ class AdminSite(web.BaseSite):
     def _resume(self) -> None:
         self._retry = None
         if self.sock.fileno() >= 0:
-            self._spares.refill()
             self._loop.add_reader(self.sock.fileno(), self._accept)
-            self._accept()
