@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import select
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -137,6 +138,10 @@ def admin_token(settings: Settings) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "demo") and hasattr(signal, "SIGHUP"):
+        # Until the proxy handles SIGHUP itself, its default action would kill the process
+        # while it starts; the config is read after this, so nothing is lost.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from tcpproxy.server import run_loop  # noqa: PLC0415
 
     try:

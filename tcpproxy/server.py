@@ -19,6 +19,7 @@ from tcpproxy.settings import Settings
 
 log = logging.getLogger("tcpproxy")
 T = TypeVar("T")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
@@ -29,6 +30,45 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
     result: T = uvloop.run(main)
     return result
+
+
+class Signals:
+    """SIGTERM, SIGINT and SIGHUP as the proxy handles them from its first moment on the event
+    loop (before the config is read and listeners bound) until it exits: the first SIGTERM
+    or SIGINT sets `stop`, any later one `hurry`. SIGHUP, while the reloader does not have it,
+    is remembered during start-up (the reloader then reloads) and ignored once shutting down:
+    its default action would kill the process."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.reload_pending = False
+        for sig in STOP_SIGNALS:
+            self.loop.add_signal_handler(sig, self._on_stop)
+        self.hold_sighup()
+
+    def _on_stop(self) -> None:
+        if not self.stop.is_set():
+            self.stop.set()
+        elif not self.hurry.is_set():
+            log.warning("second signal: closing all connections now")
+            self.hurry.set()
+
+    def hold_sighup(self) -> None:
+        self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self) -> None:
+        if self.stop.is_set():
+            log.info("SIGHUP ignored: shutting down")
+        else:
+            self.reload_pending = True
+
+    def close(self) -> None:
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+            self.loop.remove_signal_handler(sig)
+        # The process is on its way out: a late SIGHUP must not turn exit 0 into a kill.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 async def wait_for_stop_signal(on_second: Callable[[], None] | None = None) -> None:
@@ -53,6 +93,18 @@ async def serve(
     started: Callable[[Proxy], Awaitable[None]] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; return the exit code."""
+    signals = Signals()
+    try:
+        return await _serve(settings, started, signals)
+    finally:
+        signals.close()
+
+
+async def _serve(
+    settings: Settings,
+    started: Callable[[Proxy], Awaitable[None]] | None,
+    signals: Signals,
+) -> int:
     limits.raise_open_files_limit()
     proxy = Proxy(settings.config, settings.metrics_linger)
     try:
@@ -73,6 +125,9 @@ async def serve(
             return 1
     reloader = Reloader(proxy, settings.poll_interval, watch=settings.watch)
     reloader.start()
+    if signals.reload_pending:
+        # A SIGHUP came while starting: the file may have changed after it was read.
+        reloader.trigger("sighup")
     binds = ", ".join(f"{lst.name}={lst.config.bind}" for lst in proxy.listeners.values())
     log.info(
         "tcpproxy serving %s; admin %s; config %s",
@@ -83,20 +138,24 @@ async def serve(
     if started is not None:
         await started(proxy)
 
-    shutdown_task: asyncio.Task[None] | None = None
-
-    def hurry() -> None:
-        # A second Ctrl-C: stop waiting for connections to finish.
-        log.warning("second signal: closing all connections now")
-        if shutdown_task is not None:
-            for listener in proxy.all_listeners():
-                listener.on_empty.set()
-
-    await wait_for_stop_signal(hurry)
+    await signals.stop.wait()
     log.info("shutting down")
-    await reloader.stop()
-    shutdown_task = asyncio.ensure_future(proxy.shutdown(settings.shutdown_timeout))
-    await shutdown_task
+    stopping = asyncio.ensure_future(reloader.stop())
+    # The reloader's first step gives SIGHUP back to its default action, which kills: take
+    # it back straight after (this callback runs next, before any signal is read).
+    signals.loop.call_soon(signals.hold_sighup)
+    await stopping
+    signals.hold_sighup()
+    # A second signal, even one that came with the first, ends the wait for connections.
+    grace = 0.0 if signals.hurry.is_set() else settings.shutdown_timeout
+    shutdown = asyncio.ensure_future(proxy.shutdown(grace))
+    hurried = asyncio.ensure_future(signals.hurry.wait())
+    await asyncio.wait((shutdown, hurried), return_when=asyncio.FIRST_COMPLETED)
+    hurried.cancel()
+    if not shutdown.done():
+        for listener in proxy.all_listeners():
+            listener.on_empty.set()  # what proxy.shutdown waits for: it closes the rest
+    await shutdown
     if runner is not None:
         with contextlib.suppress(Exception):
             await runner.cleanup()
