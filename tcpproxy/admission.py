@@ -71,11 +71,12 @@ class Admission:
         return True
 
     def header_received(self, conn: Connection) -> bool:
-        """Client bytes arrived while waiting: True once the whole header is in (the client
-        and its address are then set from it, and the bytes after it kept for the backend)."""
+        """Client bytes (or its FIN) arrived while waiting: True once the whole header is in
+        (the client and its address are then set from it, and the bytes after it kept for
+        the backend). A FIN before the header is complete rejects the client at once."""
         data = b"".join(conn.pending or ())
         try:
-            header = proxy_protocol.parse(data)
+            header = proxy_protocol.parse(data, eof=conn.up.eof)
         except proxy_protocol.ProxyProtocolError as exc:
             log.info(
                 "%s: closing a client: %s", self.listener, exc, extra={"listener": self.listener}

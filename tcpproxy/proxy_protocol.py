@@ -71,8 +71,16 @@ def _family(*hosts: str) -> str | None:
     return None
 
 
-def parse(data: bytes) -> Header | None:
-    """The header at the start of `data`; None if more bytes are needed."""
+def parse(data: bytes, eof: bool = False) -> Header | None:
+    """The header at the start of `data`; None if more bytes are needed. `eof`: the client has
+    sent its FIN, so no more bytes will come and a header still incomplete is an error."""
+    header = _parse(data)
+    if header is None and eof:
+        raise ProxyProtocolError(f"connection closed after {len(data)} bytes of a PROXY header")
+    return header
+
+
+def _parse(data: bytes) -> Header | None:
     if data.startswith(V2_SIGNATURE[: len(data)]) and len(data) < len(V2_SIGNATURE):
         return None
     if data.startswith(V2_SIGNATURE):

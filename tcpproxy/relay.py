@@ -415,7 +415,8 @@ class Connection:
             self.pending.append(data)
             self.pending_bytes += len(data)
             got = True
-        if got and self.state is State.AWAITING_HEADER:
+        if (got or up.eof) and self.state is State.AWAITING_HEADER:
+            # A FIN too: the listener must not wait for a header that can no longer come.
             self.owner.header_received(self)
 
     # -- the data path --

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 import struct
 from collections.abc import Callable
@@ -191,3 +192,40 @@ def test_fuzzed_openings_never_hang_or_break_the_proxy(
     assert good.greeting() == "v1"
     good.close()
     wait_until(lambda: running.state(lambda p: p.open_connections) == 0)
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [
+        b"",
+        b"PROX",
+        b"PROXY TCP4 203.0.113.7 198.51.100.1 400",
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c\xcb\x00\x71",  # v2, 3 of its 12 address bytes
+    ],
+    ids=["nothing", "v1-prefix", "v1-cut", "v2-cut"],
+)
+def test_a_fin_before_the_header_is_complete_is_rejected_at_once(
+    backends: Backends,
+    start_proxy: Start,
+    caplog: pytest.LogCaptureFixture,
+    opening: bytes,
+) -> None:
+    caplog.set_level(logging.INFO, logger="tcpproxy.access")  # before the proxy starts
+    v1 = backends.start("v1")
+    port = free_port()
+    # The header may take an hour: a close within the client's wait (10 s) answers the FIN.
+    running = start_proxy(
+        pp_listener(port, v1, "proxy_protocol:\n  accept: true", connect_timeout="1h")
+    )
+    client = Client(port)
+    client.sock.sendall(opening)
+    client.sock.shutdown(socket.SHUT_WR)
+
+    assert client.is_closed()
+    client.close()
+    labels = {"listener": "pp", "reason": "proxy_protocol"}
+    assert running.metric("tcpproxy_connections_rejected_total", **labels) == 1
+    assert running.backend_stat("pp", "b", "total") == 0
+    wait_until(lambda: running.state(lambda p: p.open_connections) == 0)
+    ends = [r.__dict__["end"] for r in caplog.records if r.name == "tcpproxy.access"]
+    assert ends == ["rejected_proxy_protocol"]

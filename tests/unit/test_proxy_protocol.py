@@ -49,6 +49,22 @@ def test_every_strict_prefix_needs_more(pair: Pair, version: str, data: st.DataO
     assert parse(header[:cut]) is None
 
 
+@given(pair=pairs, version=st.sampled_from(["v1", "v2"]), data=st.data())
+def test_a_strict_prefix_then_eof_is_an_error(
+    pair: Pair, version: str, data: st.DataObject
+) -> None:
+    header = build(version, *pair)
+    cut = data.draw(st.integers(min_value=0, max_value=len(header) - 1))
+    with pytest.raises(ProxyProtocolError, match="connection closed"):
+        parse(header[:cut], eof=True)
+
+
+@given(pair=pairs, version=st.sampled_from(["v1", "v2"]), tail=st.binary(max_size=64))
+def test_a_whole_header_then_eof_is_a_header(pair: Pair, version: str, tail: bytes) -> None:
+    header = build(version, *pair)
+    assert parse(header + tail, eof=True) == parse(header + tail)
+
+
 @given(st.binary(max_size=2 * MAX_HEADER_BYTES))
 def test_any_bytes_parse_or_fail_cleanly_within_the_bound(data: bytes) -> None:
     try:
