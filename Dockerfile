@@ -1,8 +1,14 @@
 # tcpproxy container image.
 #
 #   docker build -t tcpproxy .
-#   docker run --read-only --cap-drop ALL -p 8008:8008 -p 9901:9901 \
+#   docker run --read-only --cap-drop ALL -p 8008:8008 -p 127.0.0.1:9901:9901 \
 #       -v "$PWD/config:/etc/tcpproxy:ro" tcpproxy
+#
+# The admin port is published on the host's loopback only. Its reload and rollout control
+# endpoints need an admin token (they are off without one, as the admin server listens on
+# every interface of the container): put one in a file and pass it, say
+#       -v "$PWD/admin-token:/run/secrets/tcpproxy-admin-token:ro" \
+#       -e TCPPROXY_ADMIN_TOKEN_FILE=/run/secrets/tcpproxy-admin-token
 #
 # The base is a build argument so the image can be rebuilt on any slim Python >= 3.11
 # (for example a mirrored python:3.12-slim-bookworm, or a distro image with python3-venv).
@@ -33,7 +39,8 @@ LABEL org.opencontainers.image.title="tcpproxy" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/tcpproxy /opt/tcpproxy
 # The admin server listens on all interfaces in a container so probes and Prometheus can
-# reach it; the route config lives in a directory (mount a ConfigMap or a host directory
+# reach it (publish it on 127.0.0.1 only, as above; in Kubernetes a NetworkPolicy keeps the
+# cluster off it, see deploy/k8s/base); the route config lives in a directory (mount a ConfigMap or a host directory
 # there, never a single file: the reloader watches the directory for atomic swaps).
 ENV PATH=/opt/tcpproxy/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

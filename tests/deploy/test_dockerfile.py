@@ -140,3 +140,17 @@ def test_build_context_holds_what_the_dockerfile_copies() -> None:
         for source in sources:
             assert (REPO_ROOT / source).exists(), f"COPY {source}: not in the repository"
             assert f"!{source}" in ignore, f"COPY {source}: excluded by .dockerignore"
+
+
+def test_the_usage_example_publishes_the_admin_port_on_loopback_only() -> None:
+    """The admin API can change state: `docker run -p 9901:9901` would offer it to every
+    network the host is on."""
+    header = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    published = re.findall(r"-p\s+(\S+)", "\n".join(header))
+    assert "8008:8008" in published
+    admin = [p for p in published if p.endswith(":9901")]
+    assert admin == ["127.0.0.1:9901:9901"], published

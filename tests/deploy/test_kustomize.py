@@ -480,3 +480,136 @@ def test_every_image_is_the_one_built_here() -> None:
             for container in pod_containers(deployment["spec"]["template"]["spec"]):
                 image = container["image"]
                 assert re.fullmatch(r"[\w./-]*tcpproxy(:[\w.-]+)?", image), (directory, image)
+
+
+# --- Who can reach the admin port ---------------------------------------------------------
+
+
+def _is_loopback_bind(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _rule_covers(rule: Doc, port_name: str, port_number: int) -> bool:
+    """An ingress rule that admits connections to this container port."""
+    ports = rule.get("ports")
+    if not ports:
+        return True  # no ports: every port
+    for port in ports:
+        if port.get("protocol", "TCP") != "TCP":
+            continue
+        value = port.get("port")
+        if value is None or value == port_name:
+            return True
+        if isinstance(value, int) and value <= port_number <= port.get("endPort", value):
+            return True
+    return False
+
+
+def _admits_anyone(rule: Doc) -> bool:
+    peers = rule.get("from")
+    if not peers:
+        return True  # no `from`: every source
+    for peer in peers:
+        if "ipBlock" in peer:
+            return True
+        # A peer with one selector only is a whole namespace, or the pod's own namespace.
+        if not peer.get("namespaceSelector") or not peer.get("podSelector"):
+            return True
+    return False
+
+
+def exposure_problems(docs: tuple[Doc, ...]) -> list[str]:
+    """Every tcpproxy container whose admin server listens beyond loopback must be covered
+    by a NetworkPolicy that lets only selected pods (scrapers) reach the admin port, and
+    clients reach its other ports."""
+    problems = []
+    policies = [p for p in by_kind(docs, "NetworkPolicy") if "Ingress" in p["spec"]["policyTypes"]]
+    for deployment in workloads(docs):
+        template = deployment["spec"]["template"]
+        name = deployment["metadata"]["name"]
+        for container in tcpproxy_containers(template["spec"]):
+            if _is_loopback_bind(flag(container["args"], "--admin")):
+                continue
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            mine = [
+                p
+                for p in policies
+                if labels_match(
+                    p["spec"]["podSelector"]["matchLabels"], template["metadata"]["labels"]
+                )
+            ]
+            if not mine:
+                problems.append(f"{name}: no NetworkPolicy selects its pods")
+                continue
+            rules = [rule for policy in mine for rule in policy["spec"].get("ingress", [])]
+            for rule in rules:
+                if _rule_covers(rule, "admin", ports["admin"]) and _admits_anyone(rule):
+                    problems.append(f"{name}: a NetworkPolicy rule opens the admin port to all")
+            for port_name, number in ports.items():
+                if port_name != "admin" and not any(
+                    _rule_covers(r, port_name, number) for r in rules
+                ):
+                    problems.append(f"{name}: port {port_name} ({number}) is closed to clients")
+    return problems
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS)
+def test_the_admin_port_is_open_to_scrapers_only(directory: str) -> None:
+    assert exposure_problems(render(directory)) == []
+
+
+def test_the_exposure_check_catches_an_open_admin_port() -> None:
+    """Guard the guard: the same check fails a policy that opens every port to everyone."""
+    docs = [dict(d) for d in render("base")]
+    policy = named(tuple(docs), "NetworkPolicy", "tcpproxy")
+    policy["spec"] = {**policy["spec"], "ingress": [{}]}
+    assert exposure_problems(tuple(docs)) == [
+        "tcpproxy: a NetworkPolicy rule opens the admin port to all"
+    ]
+    policy["spec"] = {**policy["spec"], "ingress": []}
+    assert exposure_problems(tuple(docs)) == ["tcpproxy: port proxy (8008) is closed to clients"]
+    without = tuple(d for d in docs if d["kind"] != "NetworkPolicy")
+    assert exposure_problems(without) == ["tcpproxy: no NetworkPolicy selects its pods"]
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS)
+def test_admin_token_comes_from_a_mounted_secret(directory: str) -> None:
+    """The gateway's control endpoints need a token: a file in a Secret mounted as a
+    directory (so a rotation reaches it), readable by the proxy's group only. The Secret
+    itself is never in the repository: it is created in the cluster."""
+    docs = render(directory)
+    assert by_kind(docs, "Secret") == [], "a secret in the repository"
+    kustomization = yaml.safe_load((K8S_DIR / directory / "kustomization.yaml").read_text())
+    assert "secretGenerator" not in kustomization
+    for deployment in workloads(docs):
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in tcpproxy_containers(pod):
+            where = f"{directory}: {deployment['metadata']['name']}/{container['name']}"
+            env = {e["name"] for e in container.get("env", [])}
+            assert "TCPPROXY_ADMIN_TOKEN" not in env, f"{where}: a token in the manifest"
+            if "--admin-token-file" not in container["args"]:
+                # No token: control is off unless the admin address is loopback.
+                assert deployment["metadata"]["name"] != "tcpproxy", f"{where}: gateway, no token"
+                continue
+            token_path = flag(container["args"], "--admin-token-file")
+            mount_dir, _, key = token_path.rpartition("/")
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == mount_dir]
+            assert mount.get("readOnly") is True, where
+            assert "subPath" not in mount, f"{where}: a subPath mount never sees a rotation"
+            secret = volumes[mount["name"]]["secret"]
+            assert secret.get("optional") is not True, f"{where}: would start without a token"
+            items = {i["path"]: i["key"] for i in secret.get("items", [])}
+            assert key in items or not items, f"{where}: {key} is not in the Secret volume"
+            mode = secret.get("defaultMode", 0o644)
+            assert mode & 0o007 == 0, f"{where}: the token file is readable by everyone"
+            assert mode & 0o040, f"{where}: the token file is not group-readable"
+            assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+
+
+def test_the_gateway_has_a_token_and_a_network_policy() -> None:
+    docs = render("base")
+    (container,) = named(docs, "Deployment", "tcpproxy")["spec"]["template"]["spec"]["containers"]
+    assert "--admin-token-file" in container["args"]
+    assert named(docs, "NetworkPolicy", "tcpproxy")
