@@ -6,6 +6,7 @@ import hashlib
 import ipaddress
 import itertools
 import re
+import socket
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -86,9 +87,36 @@ def split_host_port(text: str) -> tuple[str, int]:
             raise ValueError(f"invalid address {text!r}: write IPv6 addresses as [addr]:port")
         if not _HOST_RE.fullmatch(host):
             raise ValueError(f"invalid address {text!r}: {host!r} is not a host name or IP")
+        if _other_ipv4_spelling(host):
+            raise ValueError(
+                f"invalid address {text!r}: {host!r} is not an IPv4 address "
+                "(four decimal numbers 0-255, no leading zeros)"
+            )
+    if port_text.isascii() and port_text.isdigit() and port_text[0] == "0" and port_text != "0":
+        # "08008" is port 8008 to the socket layer: a second spelling of the same port.
+        raise ValueError(f"invalid address {text!r}: port {port_text} has a leading zero")
     if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
         raise ValueError(f"invalid address {text!r}: port must be 1-65535")
     return host, int(port_text)
+
+
+def _other_ipv4_spelling(host: str) -> bool:
+    """True for a host that is a number but not a plain IPv4 address: no host name is all
+    digits and dots, and the resolver reads "010.0.0.1" as 8.0.0.1 (octal), "127.1" as
+    127.0.0.1, "0x7f000001" as 127.0.0.1."""
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        pass
+    else:
+        return False
+    if not host.strip("0123456789."):
+        return True
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True
 
 
 def _check_address(text: str) -> str:
