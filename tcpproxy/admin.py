@@ -583,17 +583,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    control = request.app[CONTROL_KEY]
-    if request.method not in READ_ONLY_METHODS:
-        refused = await _check_request(request)
-        if refused is not None:
-            return refused
-    # The whole request is in: it is answered with no deadline, which starts again after.
-    control.conns.request_started(request.transport)
+    conns = request.app[CONTROL_KEY].conns
     try:
+        if request.method not in READ_ONLY_METHODS:
+            refused = await _check_request(request)
+            if refused is not None:
+                return refused
+        # The whole request is in: it is answered with no deadline.
+        conns.request_started(request.transport)
         return await handler(request)
     finally:
-        control.conns.request_done(request.transport)
+        conns.request_done(request.transport)  # the deadline for the next request
 
 
 def make_app(proxy: Proxy, control: _Control) -> web.Application:
