@@ -10,9 +10,9 @@ must pass `check_control`:
   on, or an allowed host), which defeats DNS rebinding;
 - no foreign Origin (nor a Sec-Fetch-Site other than same-origin), so no web page can send
   one: browsers add these headers to every POST and cannot leave them out;
-- no body, or a JSON one: HTML forms can only send form types and text/plain, and a page's
-  script can only send JSON to another origin after a CORS preflight this server never
-  grants;
+- no form type or text/plain, and no body but a JSON one: HTML forms can only send those
+  types, and a page's script can send any other to another origin only after a CORS
+  preflight this server never grants;
 - the admin token, when one is set, as `Authorization: Bearer <token>`.
 """
 
@@ -26,6 +26,10 @@ from urllib.parse import urlsplit
 # Methods that never change state; everything else is checked.
 READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
 JSON = "application/json"
+# What an HTML form can send, and the only types a page's script may send to another origin
+# without a CORS preflight: never accepted, even with an empty body (a form with no fields).
+# With no body any other type is fine (aiohttp's client sends application/octet-stream).
+FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
 # Sec-Fetch-Site values a browser sends when the request did not come from another site's
 # page: the status page itself, or a URL typed into the address bar.
 _OWN_FETCH_SITES = frozenset({"same-origin", "none"})
@@ -164,7 +168,7 @@ def check_control(
             403, "cross_site", f"cross-site request refused (Sec-Fetch-Site {fetch_site})"
         )
     media_type = (content_type or "").partition(";")[0].strip().lower()
-    if media_type not in ("", JSON) or (has_body and media_type != JSON):
+    if media_type in FORM_TYPES or (has_body and media_type != JSON):
         return Refusal(
             415,
             "content_type",

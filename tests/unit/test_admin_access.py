@@ -137,6 +137,8 @@ def test_origin_rules(origin: str | None, fetch_site: str | None, ok: bool) -> N
         ("application/json", True, True),
         ("Application/JSON; charset=utf-8", True, True),
         ("application/json", False, True),
+        ("application/octet-stream", False, True),  # aiohttp's client, posting nothing
+        ("application/octet-stream", True, False),
         (None, True, False),
         ("text/plain", True, False),
         ("text/plain", False, False),
