@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,14 @@ DRAINING = "draining"
 UNHEALTHY = "unhealthy"
 
 CONNECT_FAILURE_REASONS = ("refused", "timeout", "dns", "other")
+# Failures of this host, not of the backend: out of descriptors or memory, or out of local
+# source ports for the backend's address (EADDRNOTAVAIL from connect; EADDRINUSE when the
+# port picked is taken for that address). Never held against a backend: no failure counted,
+# no ejection, no rollout judgement, no failed health check.
+SOURCE_PORT_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
+LOCAL_RESOURCE_ERRNOS = (
+    frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}) | SOURCE_PORT_ERRNOS
+)
 
 
 def _is_ip(host: str) -> bool:

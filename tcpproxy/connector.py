@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tcpproxy import health, proxy_protocol, relay
-from tcpproxy.backend import Backend
+from tcpproxy.backend import LOCAL_RESOURCE_ERRNOS, SOURCE_PORT_ERRNOS, Backend
 from tcpproxy.resolver import Resolver
 
 if TYPE_CHECKING:
@@ -25,8 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tcpproxy")
 
 MAX_CONNECT_ATTEMPTS = 3
-LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# At most one "out of file descriptors" line, and one "panic" line, this often.
+# At most one line per kind of local shortage, and one "panic" line, this often.
 RESOURCE_LOG_INTERVAL_S = 5.0
 
 
@@ -58,7 +57,7 @@ class Connector:
         self.pool = pool
         self.rejections = rejections
         self.resolver = Resolver(loop.getaddrinfo, loop.time)
-        self._last_exhausted_log = -RESOURCE_LOG_INTERVAL_S
+        self._last_exhausted_log: dict[str, float] = {}
         self._last_panic_log = -RESOURCE_LOG_INTERVAL_S
 
     def pick(self, exclude: Sequence[Backend] = ()) -> Backend | None:
@@ -130,7 +129,13 @@ class Connector:
             conn.timer = None
         target = conn.target
         assert target is not None
-        if exc.errno in LOCAL_RESOURCE_ERRNOS:
+        if exc.errno in SOURCE_PORT_ERRNOS:
+            # Out of local ports for this backend's address: not its fault, so nothing is
+            # held against it; another backend's address has ports of its own.
+            self.resource_exhausted(exc, f"connect to {target.name} ({target.address})")
+            conn.tried += (target,)
+            candidate = self.pick(conn.tried)
+        elif exc.errno in LOCAL_RESOURCE_ERRNOS:
             # Out of file descriptors or memory here: not the backend's fault, so no
             # failure is held against it, and another backend would fail the same way.
             self.resource_exhausted(exc, "open a backend connection")
@@ -158,15 +163,25 @@ class Connector:
         )
 
     def resource_exhausted(self, exc: OSError, doing: str) -> None:
+        """Log a shortage of this host's (at most a line per kind every few seconds)."""
+        if exc.errno in SOURCE_PORT_ERRNOS:
+            kind = "ports"
+            advice = "out of local ports: widen net.ipv4.ip_local_port_range, or add backends"
+        else:
+            kind = "resources"
+            advice = "raise the open files limit, or lower max_connections"
         now = self.loop.time()
-        if now - self._last_exhausted_log >= RESOURCE_LOG_INTERVAL_S:
-            self._last_exhausted_log = now
+        if now - self._last_exhausted_log.get(kind, -RESOURCE_LOG_INTERVAL_S) >= (
+            RESOURCE_LOG_INTERVAL_S
+        ):
+            self._last_exhausted_log[kind] = now
             log.error(
-                "%s: cannot %s: %s (raise the open files limit, or lower max_connections)",
+                "%s: cannot %s: %s (%s)",
                 self.listener,
                 doing,
                 os.strerror(exc.errno or 0),
-                extra={"listener": self.listener, "reason": "resources"},
+                advice,
+                extra={"listener": self.listener, "reason": kind},
             )
 
     def established(self, conn: Connection) -> None:

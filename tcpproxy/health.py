@@ -7,16 +7,20 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
-from tcpproxy.backend import Backend
+from tcpproxy.backend import LOCAL_RESOURCE_ERRNOS, Backend
 from tcpproxy.config import EjectionConfig, HealthCheckConfig
 
 log = logging.getLogger("tcpproxy")
 
 EXPECT_READ_MAX_BYTES = 4096
+# A check that could not be made for want of this host's resources (descriptors, memory,
+# local ports): it says nothing about the backend, so it counts neither way.
+NOT_CHECKED = "not checked: out of local resources"
 
 
 async def probe(backend: Backend, check: HealthCheckConfig) -> str | None:
-    """One check; None when it passed, else why it failed."""
+    """One check; None when it passed, else why it failed (NOT_CHECKED: it could not be
+    made here)."""
     writer = None
     try:
         async with asyncio.timeout(check.timeout):
@@ -37,6 +41,8 @@ async def probe(backend: Backend, check: HealthCheckConfig) -> str | None:
     except TimeoutError:
         return "timeout"
     except OSError as exc:
+        if exc.errno in LOCAL_RESOURCE_ERRNOS:
+            return NOT_CHECKED
         return exc.strerror or type(exc).__name__
     finally:
         if writer is not None:
@@ -69,10 +75,12 @@ class HealthChecker:
             results = await asyncio.gather(*(probe(b, self.check) for b in backends))
             for backend, failure in zip(backends, results, strict=True):
                 self._record(backend, failure)
-            self._streaks = {b: self._streaks[b] for b in backends}
+            self._streaks = {b: self._streaks[b] for b in backends if b in self._streaks}
             await asyncio.sleep(self.check.interval)
 
     def _record(self, backend: Backend, failure: str | None) -> None:
+        if failure == NOT_CHECKED:
+            return
         streak = self._streaks.get(backend, 0)
         if failure is None:
             streak = streak + 1 if streak > 0 else 1
