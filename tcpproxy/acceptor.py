@@ -35,16 +35,36 @@ class Server:
             raise
         self.sock.setblocking(False)
         self._serving = False
+        self._accepting = True  # the owner's say: False at its max_connections
+        self._backing_off = False  # out of descriptors, even the spare one
+        self._reading = False  # the listening socket is in the loop's reader set
         self.poller = Poller.of(self.loop)
         self._spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     async def start_serving(self) -> None:
         if not self._serving and self.sock.fileno() >= 0:
             self._serving = True
-            self.loop.add_reader(self.sock.fileno(), self._accept)
+            self._watch()
+
+    def set_accepting(self, accepting: bool) -> None:
+        """Stop (or go back to) taking clients off the listen queue. Stopped, the kernel
+        still completes handshakes into the queue, and the clients wait there."""
+        self._accepting = accepting
+        self._watch()
+
+    def _watch(self) -> None:
+        want = self._serving and self._accepting and not self._backing_off
+        if want != self._reading and self.sock.fileno() >= 0:
+            self._reading = want
+            if want:
+                self.loop.add_reader(self.sock.fileno(), self._accept)
+            else:
+                self.loop.remove_reader(self.sock.fileno())
 
     def _accept(self) -> None:
         for _ in range(64):  # bounded per wake-up, so one busy listener cannot starve the loop
+            if not self._reading:
+                return  # the owner stopped accepting (at max_connections)
             try:
                 sock, peername = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -75,19 +95,19 @@ class Server:
                 self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         if self._spare is None:
             # Not even that: stop accepting for a moment instead of spinning.
-            self.loop.remove_reader(self.sock.fileno())
+            self._backing_off = True
+            self._watch()
             self.loop.call_later(0.1, self._resume)
 
     def _resume(self) -> None:
-        if self._serving and self.sock.fileno() >= 0:
-            self.loop.add_reader(self.sock.fileno(), self._accept)
+        self._backing_off = False
+        self._watch()
 
     def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            if self._serving:
-                self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
         self._serving = False
+        self._watch()
+        if self.sock.fileno() >= 0:
+            self.sock.close()
         if self._spare is not None:
             os.close(self._spare)
             self._spare = None

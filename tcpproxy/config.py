@@ -36,6 +36,11 @@ DEFAULT_DRAIN_TIMEOUT_S = 300.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_IDLE_TIMEOUT_S = 3600.0
 DEFAULT_MAX_CONNECTIONS = 10_000
+# Unless max_connections_per_client is set, one client address may hold this part of
+# max_connections (rounded up): one address can never take every slot.
+DEFAULT_PER_CLIENT_DIVISOR = 10
+DEFAULT_FIRST_BYTE_TIMEOUT_S = 30.0
+DEFAULT_HALF_CLOSE_TIMEOUT_S = 60.0
 
 
 class ConfigError(Exception):
@@ -215,6 +220,13 @@ class ListenerConfig(_Model):
     # 0 disables the idle timeout.
     idle_timeout: Duration = DEFAULT_IDLE_TIMEOUT_S
     max_connections: StrictInt = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1)
+    # Open connections one client address may hold (the PROXY header's source address with
+    # proxy_protocol.accept); 0 = no limit; unset = a tenth of max_connections.
+    max_connections_per_client: StrictInt | None = Field(default=None, ge=0)
+    # Closed when no byte has moved either way this long after it was accepted; 0 = never.
+    first_byte_timeout: Duration = DEFAULT_FIRST_BYTE_TIMEOUT_S
+    # Half-closed (one side sent FIN) and no byte moving for this long -> closed; 0 = never.
+    half_close_timeout: Duration = DEFAULT_HALF_CLOSE_TIMEOUT_S
     # copy: bytes pass through one user-space buffer; splice: kernel-side os.splice.
     # Fixed for a listener's life: a change applies when its bind changes or on restart.
     engine: Literal["copy", "splice"] = "copy"
@@ -222,6 +234,13 @@ class ListenerConfig(_Model):
     proxy_protocol: ProxyProtocolConfig | None = None
     rollout: RolloutConfig | None = None
     ejection: EjectionConfig | None = EjectionConfig()
+
+    @property
+    def client_connection_limit(self) -> int:
+        """max_connections_per_client in force (0: no limit)."""
+        if self.max_connections_per_client is not None:
+            return self.max_connections_per_client
+        return -(-self.max_connections // DEFAULT_PER_CLIENT_DIVISOR)
 
     # An "after" validator runs only when every backend is valid, so a bad backend is
     # reported once rather than also as "too few backends" (as Field(min_length) would).

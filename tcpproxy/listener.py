@@ -9,6 +9,7 @@ listener and its listening socket.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
@@ -28,7 +29,14 @@ from tcpproxy.table import BackendKey, ListenerPlan
 if TYPE_CHECKING:
     from tcpproxy.metrics import Metrics
 
+log = logging.getLogger("tcpproxy")
+
+# At max_connections new clients wait in the listening socket's queue (the kernel completes
+# their handshakes; Linux caps this at net.core.somaxconn); past it, their SYNs are dropped
+# and they retry.
 LISTEN_BACKLOG = 4096
+# At most one "max_connections reached" line this often.
+FULL_LOG_INTERVAL_S = 60.0
 
 
 class Server(Protocol):
@@ -36,6 +44,7 @@ class Server(Protocol):
 
     def close(self) -> None: ...
     async def start_serving(self) -> None: ...
+    def set_accepting(self, accepting: bool) -> None: ...
 
 
 class Listener:
@@ -55,6 +64,9 @@ class Listener:
         self.loop = asyncio.get_running_loop()
         self.server: Server | None = None
         self.open_connections = 0
+        # At max_connections: not accepting (clients wait in the kernel's listen queue).
+        self.full = False
+        self._last_full_log = -FULL_LOG_INTERVAL_S
         self.retired = False  # removed from the config; lives on while connections drain
         self.on_empty: asyncio.Event = asyncio.Event()
         self._on_retired_empty = on_retired_empty
@@ -80,6 +92,7 @@ class Listener:
             self.server.close()
         self.server = server
         self.retired = False
+        server.set_accepting(not self.full)
 
     def stop_accepting(self) -> None:
         if self.server is not None:
@@ -95,7 +108,8 @@ class Listener:
         removed = self.pool.apply(config, self.retired)
         for backend in removed:
             self.reaper.start_draining(backend, now, config.drain_timeout)
-        self.reaper.set_idle_timeout(config.idle_timeout)
+        self.reaper.set_timeouts(config)
+        self._check_full()
         for backend in removed:
             self.pool.forget_if_drained(backend)  # at once if it holds no connection
         self._forget_if_drained()
@@ -151,9 +165,31 @@ class Listener:
 
     # -- connections (relay.Owner) --
 
+    def _check_full(self) -> None:
+        """Stop taking clients off the listen queue at max_connections, and start again
+        below it: clients wait in the kernel rather than being accepted and closed."""
+        full = self.open_connections >= self.config.max_connections
+        if full == self.full:
+            return
+        self.full = full
+        if self.server is not None:
+            self.server.set_accepting(not full)
+        now = self.loop.time()
+        if full and now - self._last_full_log >= FULL_LOG_INTERVAL_S:
+            self._last_full_log = now
+            log.warning(
+                "%s: max_connections %d reached: new clients wait in the listen queue until "
+                "a connection closes",
+                self.name,
+                self.config.max_connections,
+                extra={"listener": self.name, "reason": "max_connections"},
+            )
+
     def connection_opened(self, conn: Connection) -> None:
         conn.opened_at = self.loop.time()
         self.open_connections += 1
+        if self.open_connections >= self.config.max_connections:
+            self._check_full()
         if self.access_log is not None:
             conn.peer = conn.peername
         if self.admission.admit(conn, self.open_connections):
@@ -174,6 +210,8 @@ class Listener:
 
     def connection_closed(self, conn: Connection) -> None:
         self.open_connections -= 1
+        if self.full:
+            self._check_full()
         self.admission.discard(conn)
         self.pool.release(conn)
         if self.retired:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
+from tcpproxy import acceptor
 from tcpproxy.demo import EchoProtocol
 from tcpproxy.proxy import Proxy, ReloadResult
 from tcpproxy.reloader import Reloader
@@ -453,6 +454,28 @@ def tcp_info(sock: socket.socket) -> tuple[int, int]:
     """(state, retransmits of the segment at the head of the queue) from TCP_INFO."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
     return info[_TCP_INFO_STATE], info[_TCP_INFO_RETRANSMITS]
+
+
+_TCP_INFO_UNACKED = 24  # a listening socket's: clients in its accept queue
+
+
+def accept_queue_length(sock: socket.socket) -> int:
+    """Clients whose handshake the kernel completed and that wait in a listening socket's
+    queue for an accept() (TCP_INFO's tcpi_unacked, for a listening socket)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_UNACKED + 4)
+    length: int = struct.unpack_from("I", info, _TCP_INFO_UNACKED)[0]
+    return length
+
+
+def proxy_accept_queue(running: RunningProxy, listener: str) -> int:
+    """accept_queue_length of a proxy listener's listening socket."""
+
+    def read(proxy: Proxy) -> int:
+        server = proxy.listeners[listener].server
+        assert isinstance(server, acceptor.Server)
+        return accept_queue_length(server.sock)
+
+    return running.state(read)
 
 
 def reset(sock: socket.socket) -> None:

@@ -20,6 +20,7 @@ from tests.harness import (
     free_port,
     greetings,
     listener_yaml,
+    proxy_accept_queue,
     wait_until,
 )
 
@@ -94,25 +95,37 @@ def test_no_eligible_backend_accepts_and_closes(
     assert rejected == 1
 
 
-def test_max_connections_refuses_the_extra_one(
+def test_max_connections_leaves_the_extra_one_waiting_until_a_slot_frees(
     backends: Backends, start_proxy: Callable[[str], RunningProxy]
 ) -> None:
     v1 = backends.start("v1")
     port = free_port()
-    running = start_proxy(config_yaml(listener_yaml("w", port, {"v1": (v1, 1)}, max_connections=3)))
+    running = start_proxy(
+        config_yaml(
+            listener_yaml(
+                "w", port, {"v1": (v1, 1)}, max_connections=3, max_connections_per_client=0
+            )
+        )
+    )
     with clients(port, 3) as held:
         assert [c.greeting() for c in held] == ["v1"] * 3
+        # Not accepted, not closed: it waits in the kernel's listen queue.
         extra = Client(port)
-        assert extra.is_closed()
-        extra.close()
+        wait_until(lambda: proxy_accept_queue(running, "w") == 1, what="extra one queued")
+        assert running.state(lambda p: p.open_connections) == 3
         # The held ones still work.
         assert held[0].echo(b"still here\n") == b"still here\n"
+        held[0].close()
+        # A slot freed: the waiting client is taken from the queue and served.
+        assert extra.greeting() == "v1"
+        assert extra.echo(b"in\n") == b"in\n"
+        extra.close()
     wait_until(lambda: running.state(lambda p: p.open_connections) == 0)
     assert greetings(port, 1) == {"v1": 1}
     rejected = running.metric(
         "tcpproxy_connections_rejected_total", listener="w", reason="max_connections"
     )
-    assert rejected == 1
+    assert rejected == 0
 
 
 @pytest.fixture

@@ -173,7 +173,7 @@ def test_rejections_and_connect_failures_are_counted(
         config_yaml(
             listener_yaml("retry", retry, {"dead": (dead1, 1), "v1": (v1, 1)}),
             listener_yaml("none", none, {"v1": (v1, 0)}),
-            listener_yaml("full", full, {"v1": (v1, 1)}, max_connections=1),
+            listener_yaml("full", full, {"v1": (v1, 1)}, max_connections_per_client=1),
             listener_yaml("down", down, {"d1": (dead1, 1), "d2": (dead2, 1)}),
         )
     )
@@ -188,7 +188,7 @@ def test_rejections_and_connect_failures_are_counted(
         c = Client(rejected_port)
         assert c.is_closed()
         c.close()
-    # `full`: the second connection is over max_connections.
+    # `full`: the second connection from this client's address is over its limit.
     with clients(full, 1) as held:
         assert held[0].greeting() == "v1"
         extra = Client(full)
@@ -220,12 +220,17 @@ def test_rejections_and_connect_failures_are_counted(
     assert failures("down", "d1", "refused") == 1
     assert failures("down", "d2", "refused") == 1
     assert rejected("down", "connect_failed") == 1
-    assert rejected("full", "max_connections") == 1
+    assert rejected("full", "max_connections_per_client") == 1
     assert scrape.value("tcpproxy_connections_total", listener="full", backend="v1") == 1
     for listener in ("retry", "none", "full", "down"):
-        others = {"no_backend", "max_connections", "connect_failed"} - {
+        others = {
+            "no_backend",
+            "max_connections",
+            "connect_failed",
+            "max_connections_per_client",
+        } - {
             "none": {"no_backend"},
-            "full": {"max_connections"},
+            "full": {"max_connections_per_client"},
             "down": {"connect_failed"},
         }.get(listener, set())
         for reason in others:
