@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -24,24 +25,48 @@ from typing import Any
 from tcpbench import report, workloads
 from tcpbench.peers import PeerStatus, ensure_peers, machine_info, peer_versions
 from tcpbench.procs import Processes, StartError, raise_nofile
-from tcpbench.targets import Running, Target, start, tcpproxy_engine_setting, tcpproxy_target
-from tcpbench.workloads import FULL, QUICK, Params, WorkloadError
+from tcpbench.targets import (
+    NOLOG_SUFFIX,
+    Running,
+    Target,
+    start,
+    tcpproxy_engine_setting,
+    tcpproxy_target,
+)
+from tcpbench.workloads import (
+    CONN_CLOSE_CHOICES,
+    CONN_METRIC,
+    FLOOD_PORT_KEY,
+    FULL,
+    IPERF_PORT_KEY,
+    QUICK,
+    REDIS_PORT_KEY,
+    Measured,
+    Params,
+    WorkloadError,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DEFAULT_ENGINES = ("copy",)
 GIT_TIMEOUT_S = 5.0
 PEER_TARGETS = ("haproxy", "nginx")
-WORKLOAD_NEEDS = {
+# The peer program each workload needs (None: Python only), and the backend it talks to.
+WORKLOAD_NEEDS: dict[str, str | None] = {
     "bulk": "iperf3",
     "rr": "redis",
     "conn": "redis",
     "latency": "redis",
     "memory": "redis",
+    "blocked": None,
 }
-WORKLOAD_METRICS = {
-    w: [m.key for m in report.METRICS if m.workload == w and not m.derived]
-    for w in report.WORKLOADS
+WORKLOAD_BACKEND = {
+    "bulk": IPERF_PORT_KEY,
+    "rr": REDIS_PORT_KEY,
+    "conn": REDIS_PORT_KEY,
+    "latency": REDIS_PORT_KEY,
+    "memory": REDIS_PORT_KEY,
+    "blocked": FLOOD_PORT_KEY,
 }
 # A failed measurement is recorded and the run goes on.
 MEASURE_ERRORS = (WorkloadError, StartError, subprocess.TimeoutExpired, OSError)
@@ -86,9 +111,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="override the number of rounds")
     p.add_argument(
         "--conn-close",
-        choices=("server", "client"),
-        default="server",
-        help="new connections: who closes first (default server; see README)",
+        choices=CONN_CLOSE_CHOICES,
+        default="both",
+        help="new connections: who closes first, the server (conn_per_s) or the client "
+        "(conn_client_close_per_s); default both, one after the other",
+    )
+    p.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="also run each engine with tcpproxy's --no-access-log, as target "
+        "tcpproxy-ENGINE-nolog, to show what the access log costs (it is on by default, "
+        "as users run it)",
     )
     p.add_argument(
         "--json",
@@ -100,12 +133,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _select(only: Sequence[str], engines: Sequence[str]) -> tuple[list[str], list[Target]]:
+def _select(
+    only: Sequence[str], engines: Sequence[str], no_access_log: bool
+) -> tuple[list[str], list[Target]]:
     all_targets = [
         Target("direct", "direct"),
         Target("haproxy", "haproxy"),
         Target("nginx", "nginx"),
         *(tcpproxy_target(e) for e in engines),
+        *(tcpproxy_target(e, access_log=False) for e in engines),
     ]
     names = {t.name for t in all_targets}
     unknown = [n for n in only if n not in names and n not in report.WORKLOADS]
@@ -115,7 +151,9 @@ def _select(only: Sequence[str], engines: Sequence[str]) -> tuple[list[str], lis
             f"known: {', '.join([*report.WORKLOADS, *sorted(names)])}"
         )
     wl = [w for w in report.WORKLOADS if w in only] or list(report.WORKLOADS)
-    ts = [t for t in all_targets if t.name in only] or all_targets
+    ts = [t for t in all_targets if t.name in only] or [
+        t for t in all_targets if t.access_log or no_access_log
+    ]
     return wl, ts
 
 
@@ -148,13 +186,14 @@ class Bench:
         params = Params(**{**params.to_json(), "conn_close": args.conn_close})
         self.params: Params = params
         engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-        self.workloads, self.wanted_targets = _select(args.only, engines)
+        self.workloads, self.wanted_targets = _select(args.only, engines, args.no_access_log)
         self.skipped: dict[str, str] = {}
         self.notes: list[str] = []
         self.backends: dict[str, int] = {}
         self.running: dict[str, Running] = {}
         self.engine_settings: dict[str, str | None] = {}
         self.idle_count = workloads.idle_conns_possible(params.idle_conns)
+        self.blocked_count = workloads.idle_conns_possible(params.blocked_conns)
         self.samples = report.Samples()
 
     def note(self, text: str) -> None:
@@ -166,13 +205,13 @@ class Bench:
     def ensure_peers(self) -> PeerStatus:
         """Install (root + apt) or skip each missing program, with one clear line each."""
         names = sorted(
-            {WORKLOAD_NEEDS[w] for w in self.workloads}
+            {n for w in self.workloads if (n := WORKLOAD_NEEDS[w]) is not None}
             | {t.kind for t in self.wanted_targets if t.kind in PEER_TARGETS}
         )
         status = ensure_peers(names, install=not self.args.no_install, say=self.say)
         for w in list(self.workloads):
             need = WORKLOAD_NEEDS[w]
-            if not status.available.get(need):
+            if need is not None and not status.available.get(need):
                 self.skipped[w] = f"needs {need}: {status.reasons.get(need, 'missing')}"
                 self.say(f"workload {w}: SKIPPED: {self.skipped[w]}")
                 self.workloads.remove(w)
@@ -205,19 +244,34 @@ class Bench:
 
     # --- measuring --------------------------------------------------------------------------
 
-    def measure(self, w: str, t: Target) -> workloads.Measured:
+    def parts(self, w: str, t: Target) -> list[tuple[tuple[str, ...], Callable[[], Measured]]]:
+        """The measurements of one workload through one target: (the metrics it gives, the
+        first one main, and how to run it)."""
         r = self.running[t.name]
-        if r.server is not None and r.server.proc.poll() is not None:
-            raise WorkloadError(f"{t.name} has exited: {r.server.log_tail()}")
+        p = self.params
         if w == "bulk":
-            return workloads.bulk(r, self.params)
+            return [(("bulk_gbit_s",), lambda: workloads.bulk(r, p))]
         if w == "rr":
-            return workloads.request_response(r, self.params)
+            return [(("rr_req_s",), lambda: workloads.request_response(r, p))]
         if w == "conn":
-            return workloads.new_connections(r, self.params)
+            return [
+                ((CONN_METRIC[close],), functools.partial(workloads.new_connections, r, p, close))
+                for close in p.conn_closes
+            ]
         if w == "latency":
-            return workloads.latency(r, self.params)
-        return workloads.idle_memory(lambda: self.start(t), self.idle_count)
+            return [(("latency_p50_us", "latency_p99_us"), lambda: workloads.latency(r, p))]
+        if w == "blocked":
+            count = self.blocked_count
+            return [
+                (
+                    ("blocked_kib_per_conn",),
+                    lambda: workloads.blocked_memory(lambda: self.start(t), p, count),
+                )
+            ]
+        count = self.idle_count
+        return [
+            (("idle_kib_per_conn",), lambda: workloads.idle_memory(lambda: self.start(t), count))
+        ]
 
     def revive(self, t: Target) -> None:
         """Restart a target whose process died, so one crash does not void the rest."""
@@ -233,8 +287,7 @@ class Bench:
     def run_rounds(self, targets: list[Target]) -> None:
         rounds = self.params.rounds
         self.progress.total = rounds * sum(
-            sum(1 for t in targets if not (w == "memory" and t.kind == "direct"))
-            for w in self.workloads
+            sum(1 for t in targets if not _proxy_only(w, t)) for w in self.workloads
         )
         for rnd in range(rounds):
             shift = rnd % len(targets) if targets else 0
@@ -242,8 +295,10 @@ class Bench:
             for w in self.workloads:
                 round_latency: dict[str, dict[str, float]] = {}
                 for t in order:
-                    if w == "memory" and t.kind == "direct":
-                        self.samples.add("idle_kib_per_conn", t.name, None)
+                    if _proxy_only(w, t):
+                        for m in report.METRICS:
+                            if m.workload == w:
+                                self.samples.add(m.key, t.name, None)
                         continue
                     got = self.one(w, t, f"round {rnd + 1}/{rounds} {w:<8} {t.name:<14}")
                     if w == "latency" and got is not None:
@@ -252,24 +307,36 @@ class Bench:
                     report.add_derived(self.samples, round_latency)
 
     def one(self, w: str, t: Target, label: str) -> workloads.Metrics | None:
-        server = self.running[t.name].server
-        cpu0 = server.cpu_seconds() if server is not None else 0.0
-        try:
-            got, work = self.measure(w, t)
-        except MEASURE_ERRORS as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self.samples.fail(WORKLOAD_METRICS[w], t.name, msg)
-            self.progress.step(f"{label} FAILED: {msg}")
+        """Every measurement of workload w through target t; a failed one is recorded and
+        the others still run."""
+        r = self.running[t.name]
+        if r.server is not None and r.server.proc.poll() is not None:
             self.revive(t)
-            return None
-        if w in report.CPU_METRICS and server is not None and work > 0:
-            key, scale = report.CPU_METRICS[w]
-            got[key] = (server.cpu_seconds() - cpu0) * scale / work
-        for key, value in got.items():
-            self.samples.add(key, t.name, value)
-        brief = ", ".join(f"{k} {v:.4g}" for k, v in got.items() if v is not None)
+        all_got: workloads.Metrics = {}
+        failures: list[str] = []
+        for keys, run in self.parts(w, t):
+            main = keys[0]
+            cpu_key, scale = report.CPU_METRICS.get(main, ("", 0.0))
+            server = self.running[t.name].server
+            cpu0 = server.cpu_seconds() if server is not None else 0.0
+            try:
+                if server is not None and server.proc.poll() is not None:
+                    raise WorkloadError(f"{t.name} has exited: {server.log_tail()}")
+                got, work = run()
+            except MEASURE_ERRORS as exc:
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self.samples.fail([*keys, *([cpu_key] if cpu_key else [])], t.name, msg)
+                failures.append(f"{main} FAILED: {msg}")
+                self.revive(t)
+                continue
+            if cpu_key and server is not None and work > 0:
+                got[cpu_key] = (server.cpu_seconds() - cpu0) * scale / work
+            for key, value in got.items():
+                self.samples.add(key, t.name, value)
+            all_got.update(got)
+        brief = ", ".join([f"{k} {v:.4g}" for k, v in all_got.items() if v is not None] + failures)
         self.progress.step(f"{label} {brief}")
-        return got
+        return None if failures and not all_got else all_got
 
     # --- the whole run ----------------------------------------------------------------------
 
@@ -280,24 +347,39 @@ class Bench:
         machine = machine_info()
         versions = peer_versions(status)
         self.say(report.header_text(machine, versions).replace("\n", "; "))
-        if "memory" in self.workloads and self.idle_count < self.params.idle_conns:
-            self.note(
-                f"memory: {self.idle_count} idle connections instead of "
-                f"{self.params.idle_conns}: the RLIMIT_NOFILE hard limit is "
-                f"{machine['nofile_limit']} and a proxy needs 2 fds per connection"
-            )
+        for w, got, wanted in (
+            ("memory", self.idle_count, self.params.idle_conns),
+            ("blocked", self.blocked_count, self.params.blocked_conns),
+        ):
+            if w in self.workloads and got < wanted:
+                self.note(
+                    f"{w}: {got} connections instead of {wanted}: the RLIMIT_NOFILE hard "
+                    f"limit is {machine['nofile_limit']} and a proxy needs 2 fds per connection"
+                )
         if self.workloads:
-            self.backends = workloads.start_backends(self.procs, self.workdir)
+            needed = {WORKLOAD_BACKEND[w] for w in self.workloads}
+            self.backends = workloads.start_backends(self.procs, self.workdir, needed)
+            labels = {
+                REDIS_PORT_KEY: "redis-server",
+                IPERF_PORT_KEY: "iperf3 -s",
+                FLOOD_PORT_KEY: "loadclient.py flood",
+            }
             self.say(
-                f"backends: redis-server on :{self.backends['redis']}, "
-                f"iperf3 -s on :{self.backends['iperf3']}"
+                "backends: " + ", ".join(f"{labels[k]} on :{v}" for k, v in self.backends.items())
             )
         targets = self.start_targets(status)
         names = [t.name for t in targets]
         self.run_rounds(targets)
 
         metrics = report.summarize(self.samples, names, self.workloads)
-        checks = report.evaluate_checks(metrics, names)
+        proxies = [t for t in targets if t.kind == "tcpproxy"]
+        # The targets are what users run: tcpproxy with its access log on.
+        checks = report.evaluate_checks(metrics, [t.name for t in proxies if t.access_log])
+        twins = {
+            t.name: t.name + NOLOG_SUFFIX
+            for t in proxies
+            if t.access_log and t.name + NOLOG_SUFFIX in names
+        }
         doc: dict[str, Any] = {
             "schema": report.SCHEMA,
             "mode": "quick" if self.args.quick else "full",
@@ -307,8 +389,15 @@ class Bench:
             "machine": machine,
             "versions": versions,
             "tcpproxy_commit": _git_commit(),
-            "params": {**self.params.to_json(), "idle_conns": self.idle_count},
+            "params": {
+                **self.params.to_json(),
+                "idle_conns": self.idle_count,
+                "blocked_conns": self.blocked_count,
+            },
             "targets": names,
+            # tcpproxy's access log per tcpproxy target (on as users run it; -nolog: off).
+            "access_log": {t.name: t.access_log for t in proxies},
+            "access_log_cost": report.access_log_cost(metrics, twins),
             "workloads": self.workloads,
             "skipped": self.skipped,
             "notes": self.notes,
@@ -340,6 +429,14 @@ class Bench:
         if cpu_table:
             print("\nproxy CPU time (user + system) per unit of work, diagnostic:")
             print(cpu_table)
+        logs = doc["access_log"]
+        if logs:
+            print(
+                "\ntcpproxy access log: "
+                + ", ".join(f"{t} {'on' if on else 'off'}" for t, on in logs.items())
+            )
+        if doc["access_log_cost"]:
+            print(report.access_log_text(doc["access_log_cost"]))
         for text in doc["notes"]:
             print(f"note: {text}")
         for name, why in doc["skipped"].items():
@@ -347,6 +444,11 @@ class Bench:
         if doc["checks"]:
             print("\ntargets (issue 6; 2-core machine, ratios from this run):")
             print(report.checks_text(doc["checks"]))
+
+
+def _proxy_only(w: str, t: Target) -> bool:
+    """Nothing to measure: a memory workload through no proxy at all."""
+    return w in report.PROXY_ONLY_WORKLOADS and t.kind == "direct"
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -17,6 +17,21 @@ Modes:
 ``latency``  request/response latency at a fixed rate over a few kept-alive connections.
 ``idle``     open N connections, make one round trip on each so that the whole path is
              established, print ``READY``, hold them until a line arrives on stdin, close.
+``blocked``  both directions blocked, to a ``flood`` backend: open W warm-up connections and
+             fill them: send on each, never reading, until no send and no receive queue has
+             moved for a while and the proxy's RSS is stable; print ``WARMED``, wait for a
+             line on stdin; open N more and fill them the same way, print ``READY``, hold all
+             of them until a line arrives on stdin, close. The warm-up ones stay open: the
+             proxy has nothing to release between the two RSS readings.
+``flood``    the backend for ``blocked``: accept, send on every connection whenever it is
+             writable, never read; exit when the process that started it is gone.
+
+``blocked`` and ``flood`` use raw non-blocking sockets with 4 KiB buffers and an MSS of 1460,
+as an Internet peer would have. With loopback's 64 KiB MSS the proxy's send buffer towards
+a peer that never reads grows to tcp_wmem's maximum (4 MiB here) and takes in whatever the
+proxy would hold; with 1460 it stays at about 100 KiB (ss -m), so what does not fit stays in
+the proxy, the case to size memory for. It also keeps the kernel memory of one blocked path (six sockets) to
+about 0.5 MiB instead of about 17 MiB (/proc/net/sockstat), which lets N be hundreds.
 """
 
 from __future__ import annotations
@@ -25,10 +40,17 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import fcntl
 import json
+import os
 import resource
+import select
+import selectors
+import socket
 import sys
+import termios
 import time
+from pathlib import Path
 from typing import Any, cast
 
 try:
@@ -47,6 +69,15 @@ OK = b"+OK\r\n"
 CONNECT_TIMEOUT_S = 5.0
 IDLE_HOLD_MAX_S = 600.0
 PAUSE_AFTER_ERROR_S = 0.001
+
+# blocked / flood
+PEER_MSS = 1460
+PEER_BUF_BYTES = 4096  # SO_SNDBUF and SO_RCVBUF (the kernel doubles them)
+SEND_CHUNK = b"x" * 65536
+POLL_S = 0.1  # how often `blocked` retries its sends and reads the queues and the RSS
+FLOOD_PARENT_CHECK_S = 1.0
+FLOOD_BACKLOG = 4096
+WOULD_BLOCK = (BlockingIOError, InterruptedError)
 
 
 def _raise_nofile() -> int:
@@ -264,6 +295,214 @@ async def run_idle(args: argparse.Namespace) -> dict[str, Any]:
     return {"ok": ok, "alive_at_close": alive, "open_s": opened_s}
 
 
+# --- blocked and flood: raw non-blocking sockets, no event loop -------------------------------
+
+
+def _peer_socket(args: argparse.Namespace) -> socket.socket:
+    """A TCP socket with the MSS and buffer sizes asked for (0: the kernel's), set before
+    connect or listen."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if args.mss:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, args.mss)
+    if args.sndbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, args.sndbuf)
+    if args.rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, args.rcvbuf)
+    return s
+
+
+def _vmrss_kib(pids: list[int]) -> int:
+    """VmRSS summed over pids (this script runs standalone, so not tcpbench.procs')."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def _tcp_mem_pages() -> int:
+    """The kernel's TCP memory in use, all sockets of the machine (/proc/net/sockstat)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/net/sockstat").read_text().splitlines():
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("mem") + 1])
+    return 0
+
+
+def _tcp_mem_low_pages() -> int:
+    """tcp_mem's first threshold: below it the kernel puts no pressure on any socket."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class _Blocked:
+    """One connection of `blocked`, as the client sees it: bytes it sent, bytes it never read."""
+
+    __slots__ = ("blocked", "dead", "inq", "sent", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sent = 0
+        self.inq = 0
+        self.blocked = False  # a send found the path full
+        self.dead = False
+
+    def pump(self) -> bool:
+        """Send until the socket takes no more; read the receive queue. Any progress?"""
+        if self.dead:
+            return False
+        progress = False
+        try:
+            while True:
+                self.sent += self.sock.send(SEND_CHUNK)
+                progress = True
+        except WOULD_BLOCK:
+            self.blocked = True
+        except OSError:
+            self.dead = True
+            return True
+        inq = int.from_bytes(fcntl.ioctl(self.sock, termios.FIONREAD, b"\0\0\0\0"), "little")
+        if inq != self.inq:
+            self.inq = inq
+            progress = True
+        return progress
+
+    @property
+    def full(self) -> bool:
+        return self.dead or (self.blocked and self.inq > 0)
+
+
+def _open_blocked(args: argparse.Namespace, count: int) -> list[_Blocked]:
+    conns: list[_Blocked] = []
+    for _ in range(count):
+        s = _peer_socket(args)
+        s.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            s.connect((HOST, args.port))
+        except OSError:
+            s.close()
+            continue
+        s.setblocking(False)
+        conns.append(_Blocked(s))
+    return conns
+
+
+def _fill(conns: list[_Blocked], args: argparse.Namespace, pids: list[int]) -> dict[str, Any]:
+    """Pump every connection until nothing moves for --quiet s and the RSS is as stable."""
+    budget = int(_tcp_mem_low_pages() * args.tcp_mem_share)
+    start = time.monotonic()
+    last_progress = start
+    rss: collections.deque[tuple[float, int]] = collections.deque()
+    settled = False
+    why = "timeout"
+    while True:
+        now = time.monotonic()
+        moved = [c.pump() for c in conns]
+        if any(moved):
+            last_progress = now
+        rss.append((now, _vmrss_kib(pids)))
+        while len(rss) > 1 and rss[1][0] <= now - args.quiet:
+            rss.popleft()
+        values = [v for _t, v in rss]
+        rss_stable = rss[0][0] <= now - args.quiet and max(values) - min(values) <= args.rss_tol
+        if all(c.full for c in conns) and now - last_progress >= args.quiet and rss_stable:
+            settled, why = True, "settled"
+            break
+        if budget and _tcp_mem_pages() > budget:
+            why = f"kernel TCP memory above {args.tcp_mem_share:.0%} of tcp_mem's low threshold"
+            break
+        if now - start > args.timeout:
+            break
+        time.sleep(POLL_S)
+    n = max(1, len(conns))
+    return {
+        "settled": settled,
+        "why": why,
+        "settle_s": round(time.monotonic() - start, 2),
+        "dead": sum(1 for c in conns if c.dead),
+        "sent_kib_per_conn": round(sum(c.sent for c in conns) / n / 1024, 1),
+        "unread_kib_per_conn": round(sum(c.inq for c in conns) / n / 1024, 1),
+    }
+
+
+def _close_all(conns: list[_Blocked]) -> None:
+    for c in conns:
+        c.sock.close()
+
+
+def _wait_line(timeout: float) -> None:
+    ready, _, _ = select.select([sys.stdin], [], [], timeout)
+    if ready:
+        sys.stdin.readline()
+
+
+def run_blocked(args: argparse.Namespace) -> dict[str, Any]:
+    limit = _raise_nofile()
+    pids = [int(p) for p in args.rss_pids.split(",") if p]
+    warm = _open_blocked(args, args.warm)
+    warmed = _fill(warm, args, pids)
+    print("WARMED " + json.dumps({"ok": len(warm), **warmed}), flush=True)
+    _wait_line(IDLE_HOLD_MAX_S)
+
+    count = min(args.count, limit - 64 - len(warm))
+    mem0 = _tcp_mem_pages()
+    t0 = time.monotonic()
+    conns = _open_blocked(args, count)
+    opened_s = time.monotonic() - t0
+    filled = _fill(warm + conns, args, pids)
+    kernel = (_tcp_mem_pages() - mem0) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    report = {
+        "ok": len(conns),
+        "requested": args.count,
+        "open_s": round(opened_s, 2),
+        "kernel_tcp_kib_per_conn": round(kernel / max(1, len(conns)), 1),
+        **filled,
+    }
+    print("READY " + json.dumps(report), flush=True)
+    _wait_line(IDLE_HOLD_MAX_S)
+    _close_all(warm + conns)
+    return report
+
+
+def run_flood(args: argparse.Namespace) -> dict[str, Any]:
+    """Accept; send on every connection whenever it is writable; never read."""
+    _raise_nofile()
+    parent = os.getppid()
+    listener = _peer_socket(args)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((HOST, args.port))
+    listener.listen(FLOOD_BACKLOG)
+    listener.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    accepted = 0
+    while os.getppid() == parent:
+        for key, _events in sel.select(FLOOD_PARENT_CHECK_S):
+            sock = cast(socket.socket, key.fileobj)
+            if sock is listener:
+                with contextlib.suppress(*WOULD_BLOCK, ConnectionAbortedError):
+                    while True:
+                        conn, _addr = listener.accept()
+                        conn.setblocking(False)
+                        sel.register(conn, selectors.EVENT_WRITE)
+                        accepted += 1
+                continue
+            try:
+                while True:
+                    sock.send(SEND_CHUNK)
+            except WOULD_BLOCK:
+                pass
+            except OSError:  # reset or closed by the proxy: that connection is over
+                sel.unregister(sock)
+                sock.close()
+    return {"accepted": accepted}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -282,8 +521,32 @@ def main(argv: list[str] | None = None) -> int:
     idle.add_argument("--port", type=int, required=True)
     idle.add_argument("--count", type=int, default=1000)
     idle.add_argument("--concurrency", type=int, default=200)
+    blk = sub.add_parser("blocked")
+    blk.add_argument("--port", type=int, required=True)
+    blk.add_argument("--count", type=int, default=100)
+    blk.add_argument("--warm", type=int, default=10, help="warm-up connections, filled first")
+    blk.add_argument("--rss-pids", default="", help="the proxy's pids, comma-separated")
+    blk.add_argument("--quiet", type=float, default=1.0, help="seconds with nothing moving")
+    blk.add_argument("--rss-tol", type=int, default=64, help="KiB of RSS change still stable")
+    blk.add_argument("--timeout", type=float, default=60.0, help="give up settling after this")
+    blk.add_argument(
+        "--tcp-mem-share",
+        type=float,
+        default=0.5,
+        help="stop if the kernel's TCP memory passes this share of tcp_mem's low threshold",
+    )
+    fl = sub.add_parser("flood")
+    fl.add_argument("--port", type=int, required=True)
+    for p in (blk, fl):
+        p.add_argument("--mss", type=int, default=PEER_MSS, help="TCP_MAXSEG, 0: the kernel's")
+        p.add_argument("--sndbuf", type=int, default=PEER_BUF_BYTES, help="SO_SNDBUF, 0: auto")
+        p.add_argument("--rcvbuf", type=int, default=PEER_BUF_BYTES, help="SO_RCVBUF, 0: auto")
     args = parser.parse_args(argv)
 
+    sync_runners = {"blocked": run_blocked, "flood": run_flood}
+    if args.mode in sync_runners:
+        print(json.dumps(sync_runners[args.mode](args)), flush=True)
+        return 0
     runners = {"conn": run_conn, "latency": run_latency, "idle": run_idle}
     coro = runners[args.mode](args)
     result = uvloop.run(coro) if HAVE_UVLOOP else asyncio.run(coro)

@@ -92,12 +92,13 @@ class Processes:
         self._procs.append((name, proc))
         return Server(name, proc, log_path, self)
 
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+    def stop(self, proc: subprocess.Popen[bytes], grace_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM, up to grace_s to exit, then SIGKILL to its whole process group."""
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(STOP_TIMEOUT_S)
+                proc.wait(grace_s)
         # Whatever is left in the child's own process group (e.g. an nginx worker) goes too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -159,8 +160,12 @@ class Server:
         """VmRSS of the process and all its descendants (nginx master + worker)."""
         return sum(vmrss_kib(pid) for pid in _tree(self.pid))
 
-    def stop(self) -> None:
-        self._owner.stop(self.proc)
+    def pids(self) -> list[int]:
+        """The process and all its descendants."""
+        return _tree(self.pid)
+
+    def stop(self, grace_s: float = STOP_TIMEOUT_S) -> None:
+        self._owner.stop(self.proc, grace_s)
 
 
 def vmrss_kib(pid: int) -> int:

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .peers import nginx_stream_module_path, which
-from .procs import HOST, Processes, Server, StartError, free_port, nofile_limit
+from .procs import HOST, STOP_TIMEOUT_S, Processes, Server, StartError, free_port, nofile_limit
 
 CHECK_TIMEOUT_S = 30.0
+
+
+NOLOG_SUFFIX = "-nolog"
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,8 @@ class Target:
     name: str
     kind: str  # direct | haproxy | nginx | tcpproxy
     engine: str | None = None  # tcpproxy relay engine (copy, splice, ...)
+    # tcpproxy's access log (one line per closed connection): on by default, as users run it.
+    access_log: bool = True
 
 
 @dataclass
@@ -31,13 +36,15 @@ class Running:
     ports: dict[str, int]  # backend name -> port to connect to
     server: Server | None  # None for direct
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = STOP_TIMEOUT_S) -> None:
         if self.server is not None:
-            self.server.stop()
+            self.server.stop(grace_s)
 
 
-def tcpproxy_target(engine: str) -> Target:
-    return Target(f"tcpproxy-{engine}", "tcpproxy", engine)
+def tcpproxy_target(engine: str, access_log: bool = True) -> Target:
+    """tcpproxy-ENGINE, or tcpproxy-ENGINE-nolog run with --no-access-log."""
+    suffix = "" if access_log else NOLOG_SUFFIX
+    return Target(f"tcpproxy-{engine}{suffix}", "tcpproxy", engine, access_log)
 
 
 def _max_conns() -> int:
@@ -107,8 +114,10 @@ def tcpproxy_config(
     return "\n".join(lines) + "\n"
 
 
-def _tcpproxy_argv(config: Path) -> list[str]:
-    return [
+def _tcpproxy_argv(config: Path, access_log: bool) -> list[str]:
+    # Log level info, the default: the access log is written at info (to a file here, as
+    # the harness keeps every child's output), unless --no-access-log.
+    argv = [
         sys.executable,
         "-m",
         "tcpproxy",
@@ -118,8 +127,9 @@ def _tcpproxy_argv(config: Path) -> list[str]:
         "--admin",
         "off",
         "--log-level",
-        "warning",
+        "info",
     ]
+    return argv if access_log else [*argv, "--no-access-log"]
 
 
 def tcpproxy_engine_setting(
@@ -185,7 +195,7 @@ def start(
     elif target.kind == "tcpproxy":
         cfg = workdir / f"{tag}.yaml"
         cfg.write_text(tcpproxy_config(backends, ports, engine_setting))
-        server = procs.start(target.name, _tcpproxy_argv(cfg))
+        server = procs.start(target.name, _tcpproxy_argv(cfg, target.access_log))
     else:
         raise StartError(f"unknown target kind {target.kind!r}")
     try:

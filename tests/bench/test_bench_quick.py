@@ -1,7 +1,8 @@
 """The benchmark harness works: one `--quick` run writes a well-formed report.
 
 No timing is asserted here (figures depend on the machine); only that every workload was
-measured through every target, or was skipped with a stated reason.
+measured through every target, or was skipped with a stated reason: new connections in both
+close orders, and memory with both directions blocked, included.
 """
 
 from __future__ import annotations
@@ -22,22 +23,39 @@ RUN_TIMEOUT_S = 270
 METRICS_BY_WORKLOAD = {
     "bulk": ("bulk_gbit_s", "cpu_ms_per_gb"),
     "rr": ("rr_req_s", "cpu_us_per_req"),
-    "conn": ("conn_per_s", "cpu_us_per_conn"),
+    "conn": (
+        "conn_per_s",
+        "cpu_us_per_conn",
+        "conn_client_close_per_s",
+        "cpu_us_per_conn_client_close",
+    ),
     "latency": ("latency_p50_us", "latency_p99_us", "added_p50_us", "added_p99_us"),
     "memory": ("idle_kib_per_conn",),
+    "blocked": ("blocked_kib_per_conn",),
 }
 # Figures that have no meaning without a proxy in the path.
 NOT_FOR_DIRECT = {
     "cpu_ms_per_gb",
     "cpu_us_per_req",
     "cpu_us_per_conn",
+    "cpu_us_per_conn_client_close",
     "added_p50_us",
     "added_p99_us",
     "idle_kib_per_conn",
+    "blocked_kib_per_conn",
 }
 ALWAYS = ("direct", "tcpproxy-copy")
 PEERS = ("haproxy", "nginx")  # may be skipped where they cannot be installed, with a reason
-CHECKED = {"bulk_gbit_s", "rr_req_s", "conn_per_s", "idle_kib_per_conn", "added_p99_us"}
+CHECKED = {
+    "bulk_gbit_s",
+    "rr_req_s",
+    "conn_per_s",
+    "conn_client_close_per_s",
+    "idle_kib_per_conn",
+    "blocked_kib_per_conn",
+    "added_p99_us",
+}
+FLOORED = {"conn_per_s", "conn_client_close_per_s"}  # a target and a lower floor
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +88,9 @@ def test_quick_run_measures_every_workload_through_every_target(
     targets: list[str] = doc["targets"]
     for name in ALWAYS:
         assert name in targets, doc["skipped"].get(name)
+    # Measured as users run it: the access log on (the default), and recorded as such.
+    assert doc["access_log"]["tcpproxy-copy"] is True
+    assert doc["params"]["conn_close"] == "both"
     for name in PEERS:
         assert name in targets or doc["skipped"].get(name), name
         if name in targets:
@@ -99,6 +120,10 @@ def test_quick_run_measures_every_workload_through_every_target(
             wanted = {m for w in doc["workloads"] for m in METRICS_BY_WORKLOAD[w] if m in CHECKED}
             assert checked == wanted, target
             assert all(isinstance(c["met"], bool) for c in doc["checks"])
+            for c in doc["checks"]:
+                assert ("above_floor" in c) == (c["metric"] in FLOORED), c
+                if c["metric"] in FLOORED:
+                    assert isinstance(c["above_floor"], bool), c
 
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ratio to HAProxy" in stdout
