@@ -30,8 +30,9 @@ Modes:
 as an Internet peer would have. With loopback's 64 KiB MSS the proxy's send buffer towards
 a peer that never reads grows to tcp_wmem's maximum (4 MiB here) and takes in whatever the
 proxy would hold; with 1460 it stays at about 100 KiB (ss -m), so what does not fit stays in
-the proxy, the case to size memory for. It also keeps the kernel memory of one blocked path (six sockets) to
-about 0.5 MiB instead of about 17 MiB (/proc/net/sockstat), which lets N be hundreds.
+the proxy, the case to size memory for. It also keeps the kernel memory of one blocked path
+(six sockets) to about 0.5 MiB instead of about 17 MiB (/proc/net/sockstat), which lets N be
+hundreds.
 """
 
 from __future__ import annotations
