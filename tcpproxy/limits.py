@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tcpproxy.config import ListenerConfig
+from tcpproxy.relay import SMALL_READ_BYTES
 
 log = logging.getLogger("tcpproxy")
 
@@ -25,9 +26,11 @@ FD_HEADROOM = 256
 # The soft limit is raised to the hard limit, but no higher than this (HAProxy's default
 # fd-hard-limit): a hard limit of a billion buys nothing.
 FD_LIMIT_CAP = 1 << 20
-# The most memory one connection can make the proxy hold (user-space buffers and per
-# connection objects), for the check against the cgroup's memory limit.
-WORST_CASE_BYTES_PER_CONNECTION = 64 * 1024
+# The most memory one connection can make the proxy hold in user space, for the check
+# against the cgroup's memory limit: one small read held each way while both destinations
+# are full (the copy engine), and its objects with room to spare (about 1.2 KiB measured).
+# The kernel's socket buffers and the splice engine's pipes are not counted.
+WORST_CASE_BYTES_PER_CONNECTION = 2 * SMALL_READ_BYTES + 32 * 1024
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
