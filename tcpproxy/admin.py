@@ -485,7 +485,6 @@ async def _page(request: web.Request) -> web.Response:
     )
 
 
-_PAST = {"pause": "paused", "resume": "resumed", "abort": "aborted"}
 
 
 def _peer(request: web.Request) -> str:
@@ -508,16 +507,8 @@ async def _rollout(request: web.Request) -> web.Response:
     listener = proxy.listeners.get(name)
     if listener is None or listener.rollout is None:
         return web.json_response({"error": f"no rollout on listener {name!r}"}, status=404)
-    done = listener.control_rollout(action)
+    done = listener.control_rollout(action, _who(request))
     rollout = listener.rollout.as_dict(time.time())
-    if done:
-        log.warning(
-            "%s: rollout %s by %s",
-            name,
-            _PAST[action],
-            _who(request),
-            extra={"listener": name, "rollout": rollout["state"], "client": _peer(request)},
-        )
     body = {"done": done, "rollout": rollout}
     return web.json_response(body, status=200 if done else 409)
 

@@ -239,8 +239,9 @@ class BackendPool:
                 extra={"listener": self.listener, "rollout": self.rollout.state, "share": share},
             )
 
-    def control_rollout(self, action: str) -> bool:
-        """pause, resume or abort; False when the rollout is not in a state that allows it."""
+    def control_rollout(self, action: str, by: str) -> bool:
+        """pause, resume or abort, asked for `by` someone (for the log and the abort
+        reason); False when the rollout is not in a state that allows it."""
         rollout = self.rollout
         if rollout is None:
             return False
@@ -250,14 +251,15 @@ class BackendPool:
         elif action == "resume":
             done = rollout.resume(now)
         elif action == "abort":
-            done = rollout.abort("aborted by an operator")
+            done = rollout.abort(f"aborted by {by}")
         else:
             raise ValueError(action)
         if done:
             log.warning(
-                "%s: rollout %s by an operator",
+                "%s: rollout %s by %s",
                 self.listener,
                 {"pause": "paused", "resume": "resumed", "abort": "aborted"}[action],
+                by,
                 extra={"listener": self.listener, "rollout": rollout.state},
             )
             self._apply_rollout_share(now)

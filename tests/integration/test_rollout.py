@@ -173,7 +173,7 @@ def test_reload_keeps_an_unchanged_rollout_and_restarts_a_changed_one(
     v1, v2 = backends.start("v1"), backends.start("v2")
     port = free_port()
     running = start_proxy(rollout_yaml(port, (v1, v2), "[10, 20]", "1h"))
-    assert running.state(lambda p: p.listeners["app"].control_rollout("pause"))
+    assert running.state(lambda p: p.listeners["app"].control_rollout("pause", "a test"))
     # Another option changes; the rollout block does not: still paused, same start.
     started = rollout_state(running)["started_at"]
     running.write_config(
