@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 HOST = "127.0.0.1"
-READY_TIMEOUT_S = 15.0
+# Only a server that never comes up waits this long: tcpproxy is an interpreter importing
+# uvloop and pydantic, which takes over 10 s on a slow machine with its cores busy.
+READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 # Bounds for how many fds each server may use: at most the hard limit we can grant.
 NOFILE_WANTED = 65536
