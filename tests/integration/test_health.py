@@ -56,10 +56,13 @@ def test_an_ejected_backend_is_tried_again_after_the_duration(
     def refused() -> int:
         return int(running.backend_stat("w", "v2", "connect_failures")["refused"])
 
-    # Connections one by one until v2 is ejected (each is served by v1 meanwhile), however
-    # long that takes here: the second refusal ejects it.
-    while refused() < 2:
-        assert greetings(port, 1) == {"v1": 1}
+    def refused_twice_after_one_more() -> bool:
+        assert greetings(port, 1) == {"v1": 1}  # served by v1 whoever refused it first
+        return refused() >= 2
+
+    # Connections one by one until v2 is ejected, however long that takes here: the second
+    # refusal ejects it.
+    wait_until(refused_twice_after_one_more, what="v2 refused twice")
     # (Its state may already be active again on a slow machine: the log says it happened.)
     ejections = [r for r in caplog.records if "w/v2 ejected for 1s" in r.getMessage()]
     assert len(ejections) == 1
