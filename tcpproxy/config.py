@@ -1,12 +1,15 @@
-"""Route config: the hot-reloaded YAML file (DESIGN §1). Pure: no I/O but `read_config`."""
+"""Route config: the hot-reloaded YAML file (DESIGN §1). Pure: no I/O but `read_config_file`."""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
 import itertools
+import os
 import re
 import socket
+import stat
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +27,8 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from yaml.composer import Composer
+from yaml.events import AliasEvent
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*")
@@ -328,15 +333,117 @@ def _format_validation_error(source: str, error: ValidationError) -> list[str]:
     return problems
 
 
-def parse_config(data: bytes, source: str) -> LoadedConfig:
-    """Validate the bytes of a config file; raise ConfigError with one line per problem."""
+# -- loading: bounded, for the file comes from whoever can write it -----------------------
+
+# A ConfigMap holds at most 1 MiB; the process setting max_config_size changes it.
+DEFAULT_MAX_CONFIG_BYTES = 1 << 20
+# YAML nodes, an alias counting as every node it repeats. A real route config is far below
+# (a 1 MiB file of backends has about 120,000); an alias bomb of a few KiB is billions.
+MAX_CONFIG_NODES = 200_000
+# Problems reported one line each; the rest are counted in one more line.
+MAX_PROBLEMS = 50
+# A file written in place (not replaced by a rename) is applied once it has not changed for
+# this long: a writer that pauses mid-file must not have its first half applied.
+DEFAULT_CONFIG_SETTLE_S = 1.0
+
+# libyaml's parser when PyYAML has it: 7 times faster than the pure-Python one, and it bounds
+# the nesting depth itself.
+_BASE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _BoundedLoader(_BASE_LOADER):  # type: ignore[misc]
+    """PyYAML's safe loader whose composer counts nodes while it builds them, an alias at the
+    size of the node it names, and stops past MAX_CONFIG_NODES. PyYAML shares an aliased
+    node, so the document itself stays small, but validation walks every alias in full:
+    an alias bomb of a few KiB would be billions of nodes to it. Counting while composing
+    also bounds the time and memory of composing a dense file."""
+
+    # PyYAML's composer, in Python (libyaml's is in C, where nothing can count).
+    check_node = Composer.check_node
+    get_node = Composer.get_node
+    get_single_node = Composer.get_single_node
+    compose_document = Composer.compose_document
+    compose_scalar_node = Composer.compose_scalar_node
+    compose_sequence_node = Composer.compose_sequence_node
+    compose_mapping_node = Composer.compose_mapping_node
+
+    def __init__(self, data: bytes, source: str) -> None:
+        super().__init__(data)
+        self.anchors: dict[str, yaml.Node] = {}
+        self.source = source
+        self.nodes = 0
+        self.aliases = 0
+        self.sizes: dict[str, int] = {}  # anchor -> nodes in its node, aliases expanded
+
+    def _count(self, n: int) -> None:
+        self.nodes += n
+        if self.nodes > MAX_CONFIG_NODES:
+            what = "nodes once YAML aliases are expanded" if self.aliases else "YAML nodes"
+            raise ConfigError([f"{self.source}: too large: more than {MAX_CONFIG_NODES:,} {what}"])
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, AliasEvent):
+            if event.anchor in self.anchors:  # else PyYAML reports the undefined alias
+                size = self.sizes.get(event.anchor)
+                if size is None:  # its node is still being composed
+                    mark = event.start_mark
+                    where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+                    raise ConfigError(
+                        [
+                            f"{self.source}{where}: invalid YAML: an alias inside the node "
+                            "it names (a recursive structure)"
+                        ]
+                    )
+                self.aliases += 1
+                self._count(size)
+            return Composer.compose_node(self, parent, index)
+        self._count(1)
+        before = self.nodes
+        node = Composer.compose_node(self, parent, index)
+        if event.anchor is not None:
+            self.sizes[event.anchor] = self.nodes - before + 1
+        return node
+
+
+def _load_yaml(data: bytes, source: str) -> Any:
+    loader = _BoundedLoader(data, source)
     try:
-        document: Any = yaml.safe_load(data)
+        node = loader.get_single_node()
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _capped(problems: list[str], source: str) -> list[str]:
+    """At most MAX_PROBLEMS lines, then one that counts the rest."""
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    return [*problems[:MAX_PROBLEMS], f"{source}: and {len(problems) - MAX_PROBLEMS} more problems"]
+
+
+def parse_config(data: bytes, source: str) -> LoadedConfig:
+    """Validate the bytes of a config file; raise ConfigError with one line per problem (at
+    most MAX_PROBLEMS, then one line counting the rest)."""
+    try:
+        document: Any = _load_yaml(data, source)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        if context and reason == "second occurrence":
+            reason = context.removesuffix("; first occurrence")
+        elif context and reason.startswith("but "):
+            reason = f"{context}, {reason}"
         raise ConfigError([f"{source}{where}: invalid YAML: {reason}"]) from None
+    except RecursionError:  # the pure-Python parser, on deep nesting
+        raise ConfigError([f"{source}: invalid YAML: nested too deeply"]) from None
+    except (ValueError, OverflowError) as exc:  # a scalar no Python value can hold
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "integer string conversion" in reason:
+            reason = f"an integer of more than {sys.get_int_max_str_digits()} digits"
+        raise ConfigError([f"{source}: invalid YAML value: {reason}"]) from None
     if document is None:
         raise ConfigError([f"{source}: file is empty"])
     if not isinstance(document, dict):
@@ -344,23 +451,94 @@ def parse_config(data: bytes, source: str) -> LoadedConfig:
     try:
         config = RouteConfig.model_validate(document)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(source, exc)) from None
+        raise ConfigError(_capped(_format_validation_error(source, exc), source)) from None
     if problems := _duplicates(config):
-        raise ConfigError([f"{source}: {problem}" for problem in problems])
+        raise ConfigError(_capped([f"{source}: {problem}" for problem in problems], source))
     return LoadedConfig(config, hashlib.sha256(data).hexdigest(), source)
 
 
-def read_config_bytes(path: Path) -> bytes:
-    """Read the file, turning OS errors into a ConfigError naming the file."""
+@dataclass(frozen=True, slots=True)
+class ConfigFile:
+    """The bytes of the config file, and which file they came from when."""
+
+    data: bytes
+    sha256: str
+    device: int
+    inode: int
+    mtime_ns: int
+
+
+def _size_text(n: int) -> str:
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} bytes"
+
+
+def _too_large(path: Path, max_bytes: int) -> ConfigError:
+    return ConfigError(
+        [
+            f"{path}: file is larger than {_size_text(max_bytes)}, the limit "
+            "(--max-config-size, TCPPROXY_MAX_CONFIG_SIZE)"
+        ]
+    )
+
+
+def _not_regular(path: Path, mode: int) -> ConfigError:
+    if stat.S_ISDIR(mode):
+        return ConfigError([f"{path}: is a directory, expected a YAML file"])
+    kinds = (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return ConfigError([f"{path}: is {kind}, expected a regular file"])
+
+
+def read_config_file(path: Path, max_bytes: int = DEFAULT_MAX_CONFIG_BYTES) -> ConfigFile:
+    """Read the config file: a regular file, or a symlink to one (a mounted ConfigMap is one,
+    through `..data`), of at most `max_bytes`. Anything else is a ConfigError naming it."""
     try:
-        return path.read_bytes()
+        # stat (following symlinks) before opening: a FIFO or a device is refused unopened,
+        # since opening a FIFO waits for a writer and /dev/zero never ends.
+        if not stat.S_ISREG((info := os.stat(path)).st_mode):
+            raise _not_regular(path, info.st_mode)
+        # O_NONBLOCK: should a FIFO be swapped in after the stat, open returns at once, and
+        # fstat tells what was opened before a byte is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise _not_regular(path, info.st_mode)
+            if info.st_size > max_bytes:
+                raise _too_large(path, max_bytes)
+            chunks = []
+            left = max_bytes + 1  # one byte more tells a file that grew past the limit
+            while left > 0 and (chunk := os.read(fd, left)):
+                chunks.append(chunk)
+                left -= len(chunk)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"{path}: is a directory, expected a YAML file"]) from None
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise _too_large(path, max_bytes)
+    return ConfigFile(
+        data, hashlib.sha256(data).hexdigest(), info.st_dev, info.st_ino, info.st_mtime_ns
+    )
 
 
-def load_config(path: Path) -> LoadedConfig:
-    return parse_config(read_config_bytes(path), str(path))
+def read_config_bytes(path: Path, max_bytes: int = DEFAULT_MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of the config file (see read_config_file), or a ConfigError naming it."""
+    return read_config_file(path, max_bytes).data
+
+
+def load_config(path: Path, max_bytes: int = DEFAULT_MAX_CONFIG_BYTES) -> LoadedConfig:
+    """Read and parse in this process (`tcpproxy run` and `check` parse in a child process:
+    see config_worker)."""
+    return parse_config(read_config_bytes(path, max_bytes), str(path))
