@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import select
 import signal
 import sys
@@ -10,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tcpproxy import __version__
-from tcpproxy.config import ConfigError, load_config
+from tcpproxy.config import ConfigError
+from tcpproxy.config_worker import load_isolated
 from tcpproxy.logs import setup_logging
 from tcpproxy.settings import Settings, SettingsError, load_settings, read_admin_token
 
@@ -50,6 +52,7 @@ def _add_process_flags(parser: argparse.ArgumentParser) -> None:
         help="re-read the config this often even without file events, 0 = never "
         "[TCPPROXY_POLL_INTERVAL]",
     )
+    _add_config_size_flag(parser)
     _add_token_flag(parser)
     parser.add_argument(
         "--admin-allowed-hosts",
@@ -66,6 +69,14 @@ def _add_process_flags(parser: argparse.ArgumentParser) -> None:
         "--admin-max-connections",
         type=int,
         help="open admin connections at most (default 64) [TCPPROXY_ADMIN_MAX_CONNECTIONS]",
+    )
+
+
+def _add_config_size_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-config-size",
+        help="reject a config file larger than this, e.g. 512KiB (default 1MiB) "
+        "[TCPPROXY_MAX_CONFIG_SIZE]",
     )
 
 
@@ -91,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_process_flags(run)
     check = sub.add_parser("check", help="validate a config file (exit 0 valid, 1 invalid)")
     check.add_argument("--config", type=Path, help="route config YAML [TCPPROXY_CONFIG]")
+    _add_config_size_flag(check)
     demo = sub.add_parser("demo", help="two echo backends v1/v2 and the proxy on :8008")
     _add_process_flags(demo)
     rollout = sub.add_parser("rollout", help="show or steer a running rollout (via admin)")
@@ -117,6 +129,7 @@ def _settings(args: argparse.Namespace, **defaults: object) -> Settings:
             "poll_interval",
             "watch",
             "metrics_linger",
+            "max_config_size",
             "admin_token_file",
             "admin_allowed_hosts",
             "admin_read_timeout",
@@ -148,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             settings = _settings(args)
             try:
-                loaded = load_config(settings.config)
+                # In a child process with a time and memory limit, as `run` parses it.
+                loaded = asyncio.run(load_isolated(settings.config, settings.max_config_size))
             except ConfigError as exc:
                 print("\n".join(exc.problems), file=sys.stderr)
                 return 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
@@ -13,7 +12,14 @@ from pathlib import Path
 
 from tcpproxy import relay
 from tcpproxy.backend import Backend
-from tcpproxy.config import ConfigError, LoadedConfig, parse_config, read_config_bytes
+from tcpproxy.config import (
+    DEFAULT_MAX_CONFIG_BYTES,
+    ConfigError,
+    ConfigFile,
+    LoadedConfig,
+    read_config_file,
+)
+from tcpproxy.config_worker import ConfigParser
 from tcpproxy.listener import Listener, Server
 from tcpproxy.metrics import DEFAULT_LINGER_S, Metrics
 from tcpproxy.rollout import Rollout
@@ -48,8 +54,17 @@ class ReloadResult:
 
 
 class Proxy:
-    def __init__(self, config_path: Path, metrics_linger_s: float = DEFAULT_LINGER_S) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        metrics_linger_s: float = DEFAULT_LINGER_S,
+        max_config_bytes: int = DEFAULT_MAX_CONFIG_BYTES,
+    ) -> None:
         self.config_path = config_path
+        self.max_config_bytes = max_config_bytes
+        # Parses in a child process: whatever the file holds, this loop keeps relaying.
+        self.parser = ConfigParser()
+        self.file: ConfigFile | None = None  # what the last reload read
         self.table = Table()
         self.listeners: dict[str, Listener] = {}
         self.retired: dict[str, Listener] = {}  # removed from the config, still draining
@@ -86,23 +101,35 @@ class Proxy:
 
     # -- config --
 
+    def read_config(self) -> ConfigFile:
+        """The config file's bytes (bounded: see read_config_file); ConfigError if unusable."""
+        return read_config_file(self.config_path, self.max_config_bytes)
+
     async def start(self) -> None:
         """Apply the config file for the first time; ConfigError if it is bad or cannot bind."""
-        data = read_config_bytes(self.config_path)
-        loaded = parse_config(data, str(self.config_path))
-        await self._apply(loaded)
+        try:
+            file = self.read_config()
+            loaded = await self.parser.parse(file.data, str(self.config_path))
+            self.file = file
+            await self._apply(loaded)
+        except BaseException:
+            await self.parser.close()
+            raise
         self._record(ReloadResult("success", "startup", time.time(), loaded.sha256))
 
-    async def reload(self, trigger: str) -> ReloadResult:
-        """Reload the file if its bytes changed. A bad file never replaces the running config."""
+    async def reload(self, trigger: str, file: ConfigFile | None = None) -> ReloadResult:
+        """Reload the file (or `file`, already read) if its bytes changed. A bad file never
+        replaces the running config."""
         async with self._lock:
             if self.shutting_down:
-                return ReloadResult("unchanged", trigger, time.time(), None, "shutting down")
-            try:
-                data = read_config_bytes(self.config_path)
-            except ConfigError as exc:
-                return self._failed(trigger, None, exc.problems)
-            sha256 = hashlib.sha256(data).hexdigest()
+                return self._stopping(trigger)
+            if file is None:
+                try:
+                    file = self.read_config()
+                except ConfigError as exc:
+                    return self._failed(trigger, None, exc.problems)
+            self.file = file
+            sha256 = file.sha256
             if self.applied is not None and sha256 == self.applied.sha256:
                 if self.last_failure is not None:
                     # A bad file was put back to the running config: nothing to apply, but
@@ -122,12 +149,21 @@ class Proxy:
             ):
                 return failure  # the same bad bytes seen again: already reported and counted
             try:
-                plan = await self._apply(parse_config(data, str(self.config_path)))
+                loaded = await self.parser.parse(file.data, str(self.config_path))
+                if self.shutting_down:  # the parse was cut short by shutdown, or outlived it
+                    return self._stopping(trigger)
+                plan = await self._apply(loaded)
             except ConfigError as exc:
+                if self.shutting_down:
+                    return self._stopping(trigger)
                 return self._failed(trigger, sha256, exc.problems)
             result = ReloadResult("success", trigger, time.time(), sha256, plan.summary())
             self._record(result)
             return result
+
+    @staticmethod
+    def _stopping(trigger: str) -> ReloadResult:
+        return ReloadResult("unchanged", trigger, time.time(), None, "shutting down")
 
     def _failed(self, trigger: str, sha256: str | None, problems: list[str]) -> ReloadResult:
         failure = self.last_failure
@@ -247,6 +283,7 @@ class Proxy:
         self.shutting_down = True
         for listener in self.all_listeners():
             listener.stop_accepting()
+        self.parser.stop()  # a parse under way is of no use now
         waits = []
         for listener in self.all_listeners():
             if listener.open_connections:
@@ -264,3 +301,4 @@ class Proxy:
         for listener in list(self.all_listeners()):
             listener.close_all(relay.SHUTDOWN)
             listener.cancel_timers()
+        await self.parser.close()

@@ -106,7 +106,7 @@ async def _serve(
     signals: Signals,
 ) -> int:
     limits.raise_open_files_limit()
-    proxy = Proxy(settings.config, settings.metrics_linger)
+    proxy = Proxy(settings.config, settings.metrics_linger, settings.max_config_size)
     try:
         await proxy.start()
     except ConfigError as exc:

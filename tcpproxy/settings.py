@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BeforeValidator,
+    ByteSize,
     Field,
     SecretStr,
     ValidationError,
@@ -20,7 +21,11 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from tcpproxy.config import Duration, split_host_port
+from tcpproxy.config import (
+    DEFAULT_MAX_CONFIG_BYTES,
+    Duration,
+    split_host_port,
+)
 from tcpproxy.metrics import DEFAULT_LINGER_S
 
 _HOST_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -120,6 +125,9 @@ class Settings(BaseSettings):
     watch: bool = True
     # How long a drained-away backend's metric series are kept before they are dropped.
     metrics_linger: Duration = DEFAULT_LINGER_S
+    # The route config file may be at most this large: bytes, or a number with a unit
+    # (512KiB, 1MiB). A larger file is rejected unread.
+    max_config_size: Annotated[ByteSize, Field(ge=1)] = ByteSize(DEFAULT_MAX_CONFIG_BYTES)
     # The admin token, which every state-changing admin request must carry. From a file
     # (a mounted Kubernetes Secret; re-read on each such request, so a rotated Secret
     # applies without a restart) or from the environment; never a command-line value,
