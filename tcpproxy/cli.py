@@ -53,6 +53,11 @@ def _add_process_flags(parser: argparse.ArgumentParser) -> None:
         "[TCPPROXY_POLL_INTERVAL]",
     )
     _add_config_size_flag(parser)
+    parser.add_argument(
+        "--config-settle",
+        help="apply a config file written in place once it has not changed for this long "
+        "(default 1s; a rename applies at once), 0 = at once [TCPPROXY_CONFIG_SETTLE]",
+    )
     _add_token_flag(parser)
     parser.add_argument(
         "--admin-allowed-hosts",
@@ -130,6 +135,7 @@ def _settings(args: argparse.Namespace, **defaults: object) -> Settings:
             "watch",
             "metrics_linger",
             "max_config_size",
+            "config_settle",
             "admin_token_file",
             "admin_allowed_hosts",
             "admin_read_timeout",

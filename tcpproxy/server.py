@@ -123,7 +123,9 @@ async def _serve(
             print(f"--admin {settings.admin}: cannot listen: {os_error_text(exc)}", file=sys.stderr)
             await proxy.shutdown(0)
             return 1
-    reloader = Reloader(proxy, settings.poll_interval, watch=settings.watch)
+    reloader = Reloader(
+        proxy, settings.poll_interval, watch=settings.watch, settle_s=settings.config_settle
+    )
     reloader.start()
     if signals.reload_pending:
         # A SIGHUP came while starting: the file may have changed after it was read.

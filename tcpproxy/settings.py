@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tcpproxy.config import (
+    DEFAULT_CONFIG_SETTLE_S,
     DEFAULT_MAX_CONFIG_BYTES,
     Duration,
     split_host_port,
@@ -128,6 +129,9 @@ class Settings(BaseSettings):
     # The route config file may be at most this large: bytes, or a number with a unit
     # (512KiB, 1MiB). A larger file is rejected unread.
     max_config_size: Annotated[ByteSize, Field(ge=1)] = ByteSize(DEFAULT_MAX_CONFIG_BYTES)
+    # A config file written in place is applied once unchanged for this long (a rename or a
+    # ConfigMap swap applies at once), so that a half-written file is never applied.
+    config_settle: Duration = DEFAULT_CONFIG_SETTLE_S
     # The admin token, which every state-changing admin request must carry. From a file
     # (a mounted Kubernetes Secret; re-read on each such request, so a rotated Secret
     # applies without a restart) or from the environment; never a command-line value,

@@ -1,9 +1,11 @@
-"""Loading the config never stops or exhausts the proxy: hostile files over real files and
-sockets, and the parser process."""
+"""Loading the config never stops or exhausts the proxy, and a half-written file is never
+applied: hostile files over real files and sockets, the parser process, and settling of
+files written in place."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -15,6 +17,7 @@ import pytest
 from tcpproxy.admin import status
 from tcpproxy.config import DEFAULT_MAX_CONFIG_BYTES, parse_config
 from tcpproxy.proxy import Proxy, ReloadResult
+from tcpproxy.reloader import Reloader
 from tests.harness import (
     WAIT_S,
     Backends,
@@ -326,3 +329,183 @@ def test_hostile_file_seen_by_the_watch_and_polls_is_reported_once(
     wait_until(lambda: len(polls) >= seen + 5, what="five more polls of the FIFO")
     assert running.reload_count("failure") == 1
     assert greetings(port, 1) == {"v1": 1}
+
+
+# -- a file written in place is applied once it has settled ---------------------------------
+
+
+@pytest.fixture
+def settle_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="tcpproxy")
+    return caplog
+
+
+def settle_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "written in place" in r.getMessage()]
+
+
+def watch_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """What the watch did: began to settle a file, or reloaded it."""
+    return [
+        r
+        for r in caplog.records
+        if "written in place" in r.getMessage() or getattr(r, "trigger", None) == "watch"
+    ]
+
+
+def test_in_place_write_that_pauses_mid_file_is_not_applied_until_complete_and_settled(
+    backends: Backends, start_proxy: Start, settle_log: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    # drain_timeout 0: were the half file applied, v2's connection would be closed at once.
+    before = routes(port, {"v1": (v1, 1), "v2": (v2, 1)}, drain_timeout=0)
+    after = routes(port, {"v1": (v1, 3), "v2": (v2, 1)}, drain_timeout=0)
+    running = start_proxy(before)
+    on_v1, on_v2 = Client(port), Client(port)
+    assert (on_v1.greeting(), on_v2.greeting()) == ("v1", "v2")
+    running.watch()
+    reloader = running.reloader
+    assert reloader is not None
+    running.state(lambda p: setattr(reloader, "settle_s", 3600.0))  # cannot settle meanwhile
+    cut = after.index("      - name: v2")
+    assert parse_config(after[:cut].encode(), "half").config  # a valid config on its own
+    with running.config_path.open("w") as f:  # in place: truncate, write the first half
+        f.write(after[:cut])
+        f.flush()
+        wait_until(lambda: bool(watch_records(settle_log)), what="the watch to react")
+
+        assert settle_records(settle_log), [r.getMessage() for r in watch_records(settle_log)]
+        assert running.reload_count("success") == 1  # the start-up only
+        assert weights(running) == {"v1": 1, "v2": 1}
+        assert on_v2.echo(b"v2 still up\n") == b"v2 still up\n"
+        assert running.state(lambda p: reloader.settles) == 1
+
+        running.state(lambda p: setattr(reloader, "settle_s", 0.05))
+        f.write(after[cut:])  # the rest: the write is complete now
+    wait_until(lambda: weights(running) == {"v1": 3, "v2": 1}, what="the complete file applied")
+
+    assert running.reload_count("success") == 2
+    assert not running.reload_count("failure")
+    assert running.state(lambda p: p.last_reload.trigger if p.last_reload else None) == "watch"
+    assert on_v2.echo(b"never drained\n") == b"never drained\n"
+    on_v1.close()
+    on_v2.close()
+
+
+def test_rename_is_applied_at_once_without_settling(
+    backends: Backends, start_proxy: Start, settle_log: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    v1 = backends.start("v1")
+    running = start_proxy(routes(port, {"v1": (v1, 1)}))
+    running.watch()
+    reloader = running.reloader
+    assert reloader is not None
+    running.state(lambda p: setattr(reloader, "settle_s", 3600.0))  # settling would never end
+
+    running.write_config(routes(port, {"v1": (v1, 7)}))
+
+    wait_until(lambda: weights(running) == {"v1": 7}, what="the renamed file applied")
+    assert running.state(lambda p: reloader.settles) == 0
+    assert settle_records(settle_log) == []
+
+
+def configmap_swap(directory: Path, text: str, generation: int) -> None:
+    """The kubelet's update: a new timestamped directory, `..data` renamed to point at it."""
+    new = directory / f"..2026_12_01_00_00_{generation:02d}.000000000"
+    new.mkdir()
+    (new / "tcpproxy.yaml").write_text(text)
+    (directory / "..data_tmp").symlink_to(new.name)
+    (directory / "..data_tmp").replace(directory / "..data")
+    if not (directory / "tcpproxy.yaml").is_symlink():
+        (directory / "tcpproxy.yaml").symlink_to("..data/tcpproxy.yaml")
+
+
+def test_configmap_swap_is_applied_at_once_without_settling(
+    backends: Backends,
+    loop_thread: LoopThread,
+    tmp_path: Path,
+    settle_log: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    v1 = backends.start("v1")
+    configmap_swap(tmp_path, routes(port, {"v1": (v1, 1)}), 0)
+    running = RunningProxy(loop_thread, tmp_path / "tcpproxy.yaml")
+    try:
+        running.watch()
+        reloader = running.reloader
+        assert reloader is not None
+        running.state(lambda p: setattr(reloader, "settle_s", 3600.0))
+
+        configmap_swap(tmp_path, routes(port, {"v1": (v1, 4)}), 1)
+
+        wait_until(lambda: weights(running) == {"v1": 4}, what="the swap applied")
+        assert running.state(lambda p: reloader.settles) == 0
+        assert settle_records(settle_log) == []
+    finally:
+        running.shutdown()
+
+
+def test_poll_settles_in_place_writes_and_applies_renames_at_once(
+    backends: Backends, start_proxy: Start
+) -> None:
+    port = free_port()
+    v1 = backends.start("v1")
+    running = start_proxy(routes(port, {"v1": (v1, 1)}))
+    # Polling only: it cannot tell how the file changed but by the file itself.
+    reloader = running.thread.call(Reloader, running.proxy, 0.02, False, 3600.0)
+    running.reloader = reloader
+    running.thread.call(reloader.start)
+
+    running.config_path.write_text(routes(port, {"v1": (v1, 2)}))  # in place
+
+    wait_until(lambda: running.state(lambda p: reloader.settles) == 1, what="settling")
+    assert weights(running) == {"v1": 1}
+    running.state(lambda p: setattr(reloader, "settle_s", 0.0))
+    wait_until(lambda: weights(running) == {"v1": 2}, what="settled and applied")
+
+    running.write_config(routes(port, {"v1": (v1, 3)}))  # a rename
+    running.state(lambda p: setattr(reloader, "settle_s", 3600.0))
+    wait_until(lambda: weights(running) == {"v1": 3}, what="the rename applied")
+    assert running.state(lambda p: reloader.settles) == 1
+
+
+def test_a_rename_during_settling_wins_and_the_half_file_is_never_applied(
+    backends: Backends, start_proxy: Start
+) -> None:
+    port = free_port()
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    running = start_proxy(routes(port, {"v1": (v1, 1), "v2": (v2, 1)}))
+    running.watch()
+    reloader = running.reloader
+    assert reloader is not None
+    running.state(lambda p: setattr(reloader, "settle_s", 3600.0))
+    with running.config_path.open("w") as f:
+        f.write(routes(port, {"v1": (v1, 9)}))  # a valid file, but the writer is not done
+        f.flush()
+        wait_until(lambda: running.state(lambda p: reloader.settles) == 1, what="settling")
+
+        running.write_config(routes(port, {"v1": (v1, 2), "v2": (v2, 2)}))
+
+        wait_until(lambda: weights(running) == {"v1": 2, "v2": 2}, what="the rename applied")
+    running.state(lambda p: setattr(reloader, "settle_s", 0.0))
+    assert running.reload("admin").result == "unchanged"  # nothing left settling
+    assert running.reload_count("success") == 2
+    assert weights(running) == {"v1": 2, "v2": 2}
+
+
+def test_sighup_applies_an_in_place_write_at_once(backends: Backends, start_proxy: Start) -> None:
+    port = free_port()
+    v1 = backends.start("v1")
+    running = start_proxy(routes(port, {"v1": (v1, 1)}))
+    running.watch()
+    reloader = running.reloader
+    assert reloader is not None
+    running.state(lambda p: setattr(reloader, "settle_s", 3600.0))
+    running.config_path.write_text(routes(port, {"v1": (v1, 6)}))  # in place
+
+    running.thread.call(reloader.trigger, "sighup")  # what the SIGHUP handler calls
+
+    wait_until(lambda: weights(running) == {"v1": 6}, what="SIGHUP applied it")
+    assert running.state(lambda p: p.last_reload.trigger if p.last_reload else None) == "sighup"

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 
 from tcpproxy.config import (
+    DEFAULT_CONFIG_SETTLE_S,
     DEFAULT_MAX_CONFIG_BYTES,
     MAX_CONFIG_NODES,
     MAX_PROBLEMS,
@@ -318,15 +319,19 @@ def test_unreadable_file_is_one_line(tmp_path: Path) -> None:
 # -- the settings that set the limits ---------------------------------------------------------
 
 
-def test_max_config_size_default() -> None:
-    assert load_settings().max_config_size == DEFAULT_MAX_CONFIG_BYTES == 1 << 20
+def test_max_config_size_and_settle_defaults() -> None:
+    settings = load_settings()
+    assert settings.max_config_size == DEFAULT_MAX_CONFIG_BYTES == 1 << 20
+    assert settings.config_settle == DEFAULT_CONFIG_SETTLE_S == 1.0
 
 
 def test_max_config_size_from_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings(max_config_size="512KiB").max_config_size == 512 * 1024
     monkeypatch.setenv("TCPPROXY_MAX_CONFIG_SIZE", "2MiB")
+    monkeypatch.setenv("TCPPROXY_CONFIG_SETTLE", "250ms")
     settings = load_settings()
     assert settings.max_config_size == 2 << 20
+    assert settings.config_settle == 0.25
     assert load_settings(max_config_size="4096").max_config_size == 4096  # the flag wins
 
 
