@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tcpproxy.balancer import SmoothWeightedRoundRobin
+from tcpproxy.balancer import PARKED_RECHECK_PICKS, SmoothWeightedRoundRobin
 
 weight_lists = st.lists(st.integers(0, 50), min_size=1, max_size=8).filter(lambda ws: sum(ws) > 0)
 
@@ -64,13 +66,47 @@ def test_same_inputs_give_the_same_sequence(weights: list[int], count: int) -> N
     assert picks(balancer(weights), count) == picks(balancer(weights), count)
 
 
-def test_nginx_smoothness_example() -> None:
+def test_5_1_1_interleaves() -> None:
     bal = SmoothWeightedRoundRobin([("a", 5), ("b", 1), ("c", 1)])
-    one_period = ["a", "a", "b", "a", "c", "a", "a"]
+    one_period = ["a", "b", "a", "a", "c", "a", "a"]
 
     sequence = [bal.pick() for _ in range(3 * len(one_period))]
 
     assert sequence == one_period * 3
+    # Five a's between two others: runs of three (across periods) are the shortest possible.
+    assert "aaaa" not in "".join(str(s) for s in sequence)
+
+
+@given(weight_lists, st.integers(1, 3))
+def test_after_any_number_of_picks_each_share_is_within_one_pick(
+    weights: list[int], cycles: int
+) -> None:
+    total = sum(weights)
+    counts: Counter[int] = Counter()
+
+    for t, item in enumerate(picks(balancer(weights), cycles * total), 1):
+        counts[item] += 1
+        for i, weight in enumerate(weights):
+            # |counts[i] - t * weight / total| < 1, in whole numbers
+            assert abs(counts[i] * total - t * weight) < total, (i, t)
+
+
+def runs(sequence: list[int]) -> Iterator[tuple[int, int]]:
+    """(item, length) for each run of one item picked again and again."""
+    for item, group in itertools.groupby(sequence):
+        yield item, sum(1 for _ in group)
+
+
+@given(weight_lists)
+def test_no_run_is_longer_than_the_weights_force_plus_one(weights: list[int]) -> None:
+    total = sum(weights)
+
+    for item, length in runs(picks(balancer(weights), 3 * total)):
+        weight = weights[item]
+        if weight < total:
+            # `weight` picks around `total - weight` others: runs of ceil(weight / others)
+            # cannot be avoided.
+            assert length <= -(-weight // (total - weight)) + 1, (item, length)
 
 
 def test_equal_weights_alternate_in_order() -> None:
@@ -189,3 +225,116 @@ def test_items_is_a_copy_in_order() -> None:
     items.append("z")
 
     assert bal.items == ["a", "b", "c"]
+
+
+@given(weight_lists, st.data())
+def test_with_eligibility_and_exclusions_changing_every_pick_is_allowed(
+    weights: list[int], data: st.DataObject
+) -> None:
+    indices = st.sampled_from(range(len(weights)))
+    up = set(range(len(weights)))
+    bal = balancer(weights)
+
+    for _ in range(data.draw(st.integers(1, 100))):
+        up ^= data.draw(st.sets(indices, max_size=2))
+        excluded = data.draw(st.sets(indices, max_size=2))
+        allowed = {i for i, w in enumerate(weights) if w and i in up and i not in excluded}
+
+        item = bal.pick(up.__contains__, excluded)
+
+        if allowed:
+            assert item in allowed
+        else:
+            assert item is None
+
+
+@given(weight_lists, st.data())
+def test_an_item_back_after_a_while_gets_its_share_and_no_burst(
+    weights: list[int], data: st.DataObject
+) -> None:
+    candidates = [i for i, w in enumerate(weights) if w]
+    if len(candidates) < 2:
+        return
+    away = data.draw(st.sampled_from(candidates))
+    total = sum(weights)
+    up = set(range(len(weights)))
+    bal = balancer(weights)
+    picks(bal, data.draw(st.integers(0, 2 * total)))
+    up.discard(away)
+    for _ in range(data.draw(st.integers(1, 5 * total))):
+        assert bal.pick(up.__contains__) != away
+    up.add(away)
+    for _ in range(PARKED_RECHECK_PICKS):  # it is asked again within these
+        bal.pick(up.__contains__)
+
+    sequence = [bal.pick(up.__contains__) for _ in range(2 * total)]
+
+    assert abs(sequence.count(away) - 2 * weights[away]) <= 1
+
+
+def test_a_pick_asks_the_predicate_about_a_few_items_not_all() -> None:
+    count = 2000
+    bal = balancer([1 + i % 7 for i in range(count)])
+    asked = Counter[int]()
+
+    def eligible(item: int) -> bool:
+        asked[item] += 1
+        return True
+
+    for _ in range(3 * count):
+        assert bal.pick(eligible) is not None
+
+    # The first pick asks every item (a new predicate); the rest ask the one they take.
+    assert asked.total() <= count + 3 * count
+
+
+def test_ineligible_items_cost_their_turns_not_every_pick() -> None:
+    count = 1000
+    down = set(range(0, count, 2))
+    bal = balancer([1] * count)
+    asked = Counter[int]()
+
+    def eligible(item: int) -> bool:
+        asked[item] += 1
+        return item not in down
+
+    for _ in range(10 * count):
+        assert bal.pick(eligible) not in down
+
+    # Each down item is parked once and asked again in turn: every one of them within
+    # PARKED_RECHECK_PICKS picks, about len(down) / PARKED_RECHECK_PICKS a pick.
+    per_pick = (asked.total() - count) / (10 * count)
+    assert per_pick <= 1 + len(down) / PARKED_RECHECK_PICKS + 1
+    assert min(asked[i] for i in down) >= 10 * count // PARKED_RECHECK_PICKS - 1
+
+
+def test_a_new_predicate_is_honoured_at_once() -> None:
+    bal = balancer([1, 1, 1, 1])
+    odd = {1, 3}
+    even = {0, 2}
+    for _ in range(10):
+        assert bal.pick(odd.__contains__) in odd
+    for _ in range(10):
+        assert bal.pick(even.__contains__) in even
+    assert Counter(bal.pick() for _ in range(4)) == Counter(range(4))
+
+
+@given(weight_lists, st.data())
+def test_while_a_backend_fails_first_attempts_still_follow_the_weights(
+    weights: list[int], data: st.DataObject
+) -> None:
+    candidates = [i for i, w in enumerate(weights) if w]
+    if len(candidates) < 2:
+        return
+    failing = data.draw(st.sampled_from(candidates))
+    bal = balancer(weights)
+    first = []
+
+    for _ in range(2 * sum(weights)):
+        item = bal.pick()
+        assert item is not None
+        first.append(item)
+        if item == failing:  # its connect failed: the connector retries elsewhere
+            assert bal.pick(exclude=[item]) not in (None, failing)
+
+    assert_every_window_is_exact(first, dict(enumerate(weights)))
