@@ -2,24 +2,78 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
-from tests.e2e.processes import EXIT_S, START_S, Process, http, port_open
+from tests.e2e.processes import EXIT_S, REPO, START_S, Process, http, port_open
 from tests.harness import Client, config_yaml, free_port, listener_yaml, wait_until
 
+# `tcpproxy run` with its start-up held twice where the test can see it and let it go on: in
+# Proxy.start, before the config is read, and after (listeners bound, no reloader yet). Each
+# hold touches a marker file, then reads a FIFO until the test closes it.
+HELD_RUN = """
+import sys
+from pathlib import Path
 
-def open_writer(fifo: Path) -> int | None:
-    """The FIFO's write end, once a reader has it open (until then: None)."""
-    try:
-        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:  # no reader yet
-            return None
-        raise
+from tcpproxy.proxy import Proxy
+
+start = Proxy.start
+
+
+def hold(marker: str, fifo: str) -> None:
+    Path(marker).touch()
+    with open(fifo, "rb") as f:
+        f.read()
+
+
+async def held_start(self: Proxy) -> None:
+    hold(*sys.argv[1:3])
+    await start(self)
+    hold(*sys.argv[3:5])
+
+
+Proxy.start = held_start  # type: ignore[method-assign]
+from tcpproxy.cli import main
+
+sys.exit(main(sys.argv[5:]))
+"""
+
+
+class HeldProcess(Process):
+    """`tcpproxy ARGS` whose start-up waits at each hold until `release` is called."""
+
+    def __init__(self, directory: Path, *args: str) -> None:
+        self.holds = []
+        argv = []
+        for name in ("before-config", "after-config"):
+            marker, fifo = directory / f"{name}.reached", directory / f"{name}.fifo"
+            os.mkfifo(fifo)
+            self.holds.append((marker, fifo))
+            argv += [str(marker), str(fifo)]
+        self.popen = subprocess.Popen(
+            [sys.executable, "-c", HELD_RUN, *argv, *args],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_for_hold(self, hold: int) -> None:
+        marker = self.holds[hold][0]
+        wait_until(
+            lambda: marker.exists() or self.popen.poll() is not None,
+            timeout=START_S,
+            what=f"start-up at {marker.name}",
+        )
+        assert self.popen.poll() is None, self.wait()
+
+    def release(self, hold: int) -> None:
+        os.close(os.open(self.holds[hold][1], os.O_WRONLY))  # EOF for the reader
 
 
 def test_a_sighup_during_start_up_neither_kills_it_nor_is_lost(
@@ -34,11 +88,10 @@ def test_a_sighup_during_start_up_neither_kills_it_nor_is_lost(
             )
         )
 
-    # The config is a FIFO: start-up holds in its first read of the config until we write it,
-    # and the test sees when it got there (a writer can open the FIFO once a reader has).
     path = tmp_path / "tcpproxy.yaml"
-    os.mkfifo(path)
-    proc = Process(
+    path.write_text(routes(1, 0))
+    proc = HeldProcess(
+        tmp_path,
         "run",
         "--config", str(path),
         "--admin", f"127.0.0.1:{admin}",
@@ -47,27 +100,19 @@ def test_a_sighup_during_start_up_neither_kills_it_nor_is_lost(
         "--log-format", "json",
     )  # fmt: skip
     try:
-        fds: list[int] = []
-
-        def reading() -> bool:
-            if proc.popen.poll() is not None:
-                return True  # exited: the assertion below says how
-            fd = open_writer(path)
-            if fd is not None:
-                fds.append(fd)
-            return bool(fds)
-
-        wait_until(reading, timeout=START_S, what="the proxy reading its config")
-        assert proc.popen.poll() is None, proc.wait()
-        (writer,) = fds
-        for _ in range(3):
-            proc.signal(signal.SIGHUP)
-        # What the SIGHUP asks for: the file as it is now (v2), not what start-up reads (v1).
+        # Before the config is read: nothing to reload yet, and nothing may kill it.
+        proc.wait_for_hold(0)
+        proc.signal(signal.SIGHUP)
+        proc.release(0)
+        # The config is read (v1) and the listener bound; the reloader is not up yet. The
+        # file changes and a SIGHUP says so: it must be applied once the proxy is up.
+        proc.wait_for_hold(1)
         edited = tmp_path / "edited.yaml"
         edited.write_text(routes(0, 1))
         edited.replace(path)
-        os.write(writer, routes(1, 0).encode())
-        os.close(writer)
+        for _ in range(3):
+            proc.signal(signal.SIGHUP)
+        proc.release(1)
 
         def applied_sighup() -> bool:
             assert proc.popen.poll() is None, proc.wait()
