@@ -485,8 +485,6 @@ async def _page(request: web.Request) -> web.Response:
     )
 
 
-
-
 def _peer(request: web.Request) -> str:
     transport = request.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
