@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import hdrs, web
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from tcpproxy import __version__
 from tcpproxy.admin_access import (
@@ -27,6 +26,7 @@ from tcpproxy.admin_access import (
 )
 from tcpproxy.admin_server import AdminSite, Connections, LogQuota, format_peer, listening_socket
 from tcpproxy.config import split_host_port
+from tcpproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tcpproxy.proxy import Proxy
 from tcpproxy.settings import (
     DEFAULT_ADMIN_MAX_CONNECTIONS,
@@ -463,6 +463,17 @@ def probe(proxy: Proxy, path: str) -> tuple[int, str] | None:
     return None
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    # Written off the event loop from a snapshot: a scrape of many backends does not hold
+    # up the data plane.
+    accept_gzip = "gzip" in request.headers.get(hdrs.ACCEPT_ENCODING, "")
+    body, gzipped = await request.app[PROXY_KEY].metrics.exposition(accept_gzip)
+    headers = {hdrs.CONTENT_TYPE: METRICS_CONTENT_TYPE}
+    if gzipped:
+        headers[hdrs.CONTENT_ENCODING] = "gzip"
+    return web.Response(body=body, headers=headers)
+
+
 async def _livez(request: web.Request) -> web.Response:
     status, text = probe(request.app[PROXY_KEY], "/livez") or (500, "")
     return web.Response(status=status, text=text)
@@ -589,7 +600,7 @@ def make_app(proxy: Proxy, control: _Control) -> web.Application:
     app = web.Application(middlewares=[_guard], client_max_size=CONTROL_BODY_MAX_BYTES)
     app[PROXY_KEY] = proxy
     app[CONTROL_KEY] = control
-    app.router.add_get("/metrics", make_aiohttp_handler(proxy.metrics.registry))
+    app.router.add_get("/metrics", _metrics)
     app.router.add_get("/livez", _livez)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/status", _status)
