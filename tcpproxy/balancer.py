@@ -31,6 +31,7 @@ while a backend fails.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from typing import Generic, TypeVar
 
@@ -53,7 +54,6 @@ class SmoothWeightedRoundRobin(Generic[T]):
     """Picks among weighted items; the items must be hashable (`exclude` is looked up)."""
 
     __slots__ = (
-        "_cursor",
         "_index",
         "_is_parked",
         "_items",
@@ -85,9 +85,9 @@ class SmoothWeightedRoundRobin(Generic[T]):
         self._ready = [_entry(1, w, i) for i, w in enumerate(self._weights) if w > 0]
         heapq.heapify(self._ready)
         self._pending: list[_Entry] = []
-        self._parked: list[int] = []
+        # Parked items in the order they are asked again: the front one next.
+        self._parked: deque[int] = deque()
         self._is_parked = [False] * len(weighted)
-        self._cursor = 0  # the next parked item to ask again
         self._parked_at = (0, 1)  # V before the last scheduled items were parked
         self._predicate: Callable[[T], bool] | None = None
         self._turn_holder = -1  # the item the last pick was for
@@ -201,8 +201,7 @@ class SmoothWeightedRoundRobin(Generic[T]):
         back = [i for i in self._parked if eligible is None or eligible(items[i])]
         for i in back:
             is_parked[i] = False
-        self._parked = [i for i in self._parked if is_parked[i]]
-        self._cursor = 0
+        self._parked = deque(i for i in self._parked if is_parked[i])
         if eligible is not None:
             for heap in (self._ready, self._pending):
                 kept = []
@@ -220,16 +219,12 @@ class SmoothWeightedRoundRobin(Generic[T]):
         parked, items = self._parked, self._items
         back = []
         for _ in range(min(count, len(parked))):
-            if self._cursor >= len(parked):
-                self._cursor = 0
-            i = parked[self._cursor]
+            i = parked.popleft()
             if eligible is None or eligible(items[i]):
-                parked[self._cursor] = parked[-1]
-                parked.pop()
                 self._is_parked[i] = False
                 back.append(i)
             else:
-                self._cursor += 1
+                parked.append(i)
         self._rejoin(back)
 
     def _rejoin(self, back: list[int]) -> None:
