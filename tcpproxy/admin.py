@@ -516,7 +516,7 @@ async def _rollout(request: web.Request) -> web.Response:
     listener = proxy.listeners.get(name)
     if listener is None or listener.rollout is None:
         return web.json_response({"error": f"no rollout on listener {name!r}"}, status=404)
-    done = listener.control_rollout(action, _who(request))
+    done = listener.control_rollout(action, _who(request), _peer(request))
     rollout = listener.rollout.as_dict(time.time())
     body = {"done": done, "rollout": rollout}
     return web.json_response(body, status=200 if done else 409)

@@ -148,8 +148,8 @@ class Listener:
     def share_history(self) -> list[dict[str, object]]:
         return self.pool.share_history()
 
-    def control_rollout(self, action: str, by: str) -> bool:
-        return self.pool.control_rollout(action, by)
+    def control_rollout(self, action: str, by: str, client: str | None = None) -> bool:
+        return self.pool.control_rollout(action, by, client)
 
     def all_backends(self) -> Iterator[Backend]:
         return self.pool.all_backends()

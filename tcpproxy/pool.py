@@ -239,9 +239,10 @@ class BackendPool:
                 extra={"listener": self.listener, "rollout": self.rollout.state, "share": share},
             )
 
-    def control_rollout(self, action: str, by: str) -> bool:
+    def control_rollout(self, action: str, by: str, client: str | None = None) -> bool:
         """pause, resume or abort, asked for `by` someone (for the log and the abort
-        reason); False when the rollout is not in a state that allows it."""
+        reason; `client`: their address, logged as a field); False when the rollout is not
+        in a state that allows it."""
         rollout = self.rollout
         if rollout is None:
             return False
@@ -260,7 +261,7 @@ class BackendPool:
                 self.listener,
                 {"pause": "paused", "resume": "resumed", "abort": "aborted"}[action],
                 by,
-                extra={"listener": self.listener, "rollout": rollout.state},
+                extra={"listener": self.listener, "rollout": rollout.state, "client": client},
             )
             self._apply_rollout_share(now)
         return done

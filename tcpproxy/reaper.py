@@ -69,6 +69,8 @@ class Reaper:
             self._idle_handle = self.loop.call_later(interval, self._sweep_idle, interval)
 
     def _sweep_idle(self, interval: float) -> None:
+        # Next sweep first: a bug met below must not end the sweeps for good.
+        self._idle_handle = self.loop.call_later(interval, self._sweep_idle, interval)
         now = self.loop.time()
         idle = self._idle_timeout
         first_byte = self._first_byte_timeout
@@ -102,7 +104,6 @@ class Reaper:
         self._half_closed = half_closed
         for conn, reason in expired:
             conn.shut(reason)
-        self._idle_handle = self.loop.call_later(interval, self._sweep_idle, interval)
 
     def cancel(self) -> None:
         if self._idle_handle is not None:

@@ -79,8 +79,11 @@ INTERNAL_ERROR = "internal_error"  # a bug in the proxy ended it (logged with a 
 def _queued(sock: socket.socket, request: int) -> int:
     """Bytes in a socket's receive queue (FIONREAD) or send queue, unacknowledged included
     (TIOCOUTQ); 0 for a socket that has none or is gone."""
+    fd = sock.fileno()
+    if fd < 0:  # closed (the side that reset, while the other gets its last bytes)
+        return 0
     try:
-        value: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), request, _INT))[0]
+        value: int = struct.unpack("i", fcntl.ioctl(fd, request, _INT))[0]
     except OSError:
         return 0
     return value
@@ -195,7 +198,9 @@ class Connection:
         self.bytes_up = 0
         self.bytes_down = 0
         # The idle sweep's bookkeeping (activity_mark at the last sweep, and since when).
-        self.idle_mark = -1
+        # None: no sweep has looked yet (any number could be a first mark: a SYN in flight
+        # counts one byte queued, so a fresh connection's mark can be -1).
+        self.idle_mark: int | None = None
         self.idle_since = 0.0
         self.opened_at = 0.0
         self.peer: object = None

@@ -11,6 +11,7 @@ import hashlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -358,6 +359,37 @@ def test_a_client_that_leaves_before_the_backend_connects_is_cleaned_up(
         # Long before the 60 s connect timeout: the connect in progress is given up.
         wait_until(lambda: open_connections(running) == 0, what="connection forgotten")
         assert running.backend_stat("relay", "slow", "connect_failures")["timeout"] == 0
+        assert _rejected(running, "relay", "connect_failed") == 0
+
+
+def test_a_connection_still_connecting_is_idle_only_after_its_time(
+    start_proxy: Callable[[str], RunningProxy], engine: str
+) -> None:
+    """A connection whose connect hangs moves no byte: the idle timeout ends it, and not
+    sooner (the sweep's first look at a connection only records its mark)."""
+    idle_s = 2.0
+    with full_accept_queue() as unresponsive:
+        port = free_port()
+        running = start_proxy(
+            config_yaml(
+                listener_yaml(
+                    "relay",
+                    port,
+                    {"slow": (unresponsive, 1)},
+                    engine=engine,
+                    connect_timeout="1h",
+                    idle_timeout=f"{idle_s}s",
+                )
+            )
+        )
+        client = Client(port)
+        opened = time.monotonic()
+        assert client.is_closed(timeout=60)
+        lived = time.monotonic() - opened
+        client.close()
+        wait_until(lambda: open_connections(running) == 0, what="connection forgotten")
+        # (the margin: the client's clock starts a moment after the proxy's accept)
+        assert lived >= 0.75 * idle_s, f"closed as idle after {lived:.2f}s of {idle_s}s"
         assert _rejected(running, "relay", "connect_failed") == 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import termios
 from collections.abc import Iterator
 
 import pytest
@@ -104,3 +105,14 @@ def test_a_tail_read_outside_a_batch_is_written_at_once(loop: asyncio.AbstractEv
             s.close()
 
     loop.run_until_complete(scenario())
+
+
+def test_queue_sizes_of_a_closed_socket_are_zero() -> None:
+    """Regression: while a connection delivers a reset peer's last bytes, that peer's socket
+    is already closed; the idle sweep's activity_mark asked its queue size and the ioctl
+    on fd -1 raised, which ended the sweep for good."""
+    a, b = socket.socketpair()
+    a.close()
+    b.close()
+    assert relay._queued(a, termios.TIOCOUTQ) == 0
+    assert relay._queued(a, termios.FIONREAD) == 0

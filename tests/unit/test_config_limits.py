@@ -306,16 +306,6 @@ def test_configmap_symlinks_to_a_regular_file_are_read(tmp_path: Path) -> None:
     assert load_config(path).config.listeners[0].name == "app"
 
 
-def test_unreadable_file_is_one_line(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads every file")
-    path = tmp_path / "tcpproxy.yaml"
-    path.write_bytes(GOOD)
-    path.chmod(0)
-
-    assert only_line(read_in_thread(path)) == f"{path}: cannot read: Permission denied"
-
-
 # -- the settings that set the limits ---------------------------------------------------------
 
 
