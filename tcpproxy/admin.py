@@ -1,4 +1,4 @@
-"""Admin HTTP server (DESIGN §5): metrics, probes, status (JSON and HTML), reload and
+"""Admin HTTP server: metrics, probes, status (JSON and HTML), reload and
 rollout control. Who may change state: admin_access.py; its connections: admin_server.py."""
 
 from __future__ import annotations

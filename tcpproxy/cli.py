@@ -1,4 +1,4 @@
-"""Command line (DESIGN §4): run, check, demo, echo."""
+"""Command line: run, check, demo, echo."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Route config: the hot-reloaded YAML file (DESIGN §1). Pure: no I/O but `read_config_file`."""
+"""Route config: the hot-reloaded YAML file. Pure: no I/O but `read_config_file`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every metric of DESIGN §6, defined once.
+"""Every metric, defined once.
 
 Per-backend figures (connections, bytes, weight, state, failures, connection durations) are
 read from the live Backend objects at scrape time: the data path only adds to plain ints,

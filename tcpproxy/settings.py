@@ -1,4 +1,4 @@
-"""Process settings (DESIGN §3): CLI flag > TCPPROXY_* environment variable > default.
+"""Process settings: CLI flag > TCPPROXY_* environment variable > default.
 
 The route config is never overridden from here: the YAML file is the hot-reloaded truth.
 """
