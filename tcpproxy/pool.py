@@ -323,11 +323,15 @@ class BackendPool:
             self._rollout_share = share
             self._rebuild_balancer()
             steps = rollout.config.steps
+            where = (
+                f"step {min(rollout.applied_step, len(steps) - 1) + 1} of {len(steps)}"
+                if rollout.state in (RUNNING, PAUSED)
+                else rollout.state
+            )
             log.info(
-                "%s: rollout step %d of %d: %d%% of the pair's new connections to %s",
+                "%s: rollout %s: %d%% of the pair's new connections to %s",
                 self.listener,
-                min(rollout.applied_step, len(steps) - 1) + 1,
-                len(steps),
+                where,
                 share,
                 rollout.config.to,
                 extra={"listener": self.listener, "rollout": rollout.state, "share": share},

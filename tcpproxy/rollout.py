@@ -267,5 +267,8 @@ class Rollout:
             "paused_for_s": config.paused_for,
             "aborted_at": _ts(config.aborted_at),
             "next_step_in_s": self.next_change(now),
+            # The same instant on every replica that follows the same file.
+            "next_step_at": None if (change := self.next_change(now)) is None else now + change,
+            "awaiting_prometheus": self.awaiting_fleet,
             "reason": self.reason,
         }
