@@ -116,15 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="show or steer a rollout: in the config file (every replica), or on one proxy "
         "through its admin API",
     )
-    rollout.add_argument("action", choices=["status", "pause", "resume", "abort"])
+    rollout.add_argument("action", choices=["status", "start", "pause", "resume", "abort"])
     rollout.add_argument("--listener", help="the listener (default: every one with a rollout)")
     rollout.add_argument(
         "--config",
         dest="rollout_config",
         type=Path,
         metavar="FILE",
-        help="record pause, resume or abort in this route config file (in place, comments "
-        "kept), for every replica that reads it; with status, the schedule it gives now",
+        help="record start (step 1 now), pause, resume or abort in this route config file "
+        "(in place, comments kept), for every replica that reads it; with status, the "
+        "schedule it gives now",
     )
     rollout.add_argument("--reason", help="abort: why, kept in the file (abort_reason)")
     rollout.add_argument(
@@ -222,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "rollout":
             from tcpproxy import rollout_cli  # noqa: PLC0415
 
-            if args.rollout_config is not None or args.prometheus is not None:
+            if args.rollout_config or args.prometheus or args.action == "start":
                 return rollout_cli.fleet_command(args)
             settings = _settings(args)
             return rollout_cli.rollout_command(

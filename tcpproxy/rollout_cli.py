@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tcpproxy.config import ConfigError, load_config, parse_duration, split_host_port
-from tcpproxy.fleet import matchers, promql_duration
+from tcpproxy.fleet import aborted_query, failure_query, matchers, promql_duration
 from tcpproxy.rollout import Rollout, format_seconds
 
 TIMEOUT_S = 5.0
@@ -121,6 +121,9 @@ def fleet_command(args: argparse.Namespace) -> int:
             print(f"--window: {exc}", file=sys.stderr)
             return 2
         return prometheus_status(args.prometheus, args.listener, window)
+    if args.rollout_config is None:
+        print("start needs --config FILE: it writes started_at there", file=sys.stderr)
+        return 2
     if args.action == "status":
         return file_status(args.rollout_config, args.listener)
     from tcpproxy.rollout_file import EditError, edit_file  # noqa: PLC0415
@@ -172,6 +175,14 @@ def file_status(path: Path, listener: str | None) -> int:
         if lst.rollout.started_at is None:
             line += " (no started_at: each replica counts from when it applied the block)"
         print(f"{line} [rollout {rollout.identity}]")
+        prometheus = lst.rollout.abort.prometheus
+        if prometheus is not None:
+            print(
+                f"  judged by Prometheus at {prometheus.url} every "
+                f"{format_seconds(prometheus.interval)}:\n"
+                f"    failure ratio: {failure_query(lst.name, lst.rollout)}\n"
+                f"    aborted by a replica: {aborted_query(rollout.identity, prometheus)}"
+            )
     if not found:
         where = f"listener {listener!r}" if listener else "any listener"
         print(f"{path}: no rollout on {where}", file=sys.stderr)

@@ -7,6 +7,8 @@ order and layout stay as the user wrote them; only the rollout's decision keys c
 - resume: `paused_for += now - paused_at`, `paused_at` removed: the schedule moves on by the
   time it was held, so every replica lands on the same step.
 - abort:  `aborted_at: <now>` and `abort_reason`: all of the pair's share back to `from`.
+- start:  `started_at: <now>`, every decision removed: a new rollout from step 1 (its
+  identity changes with started_at), on every replica at the same moment.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from tcpproxy.config import ConfigError, parse_config, parse_duration, read_conf
 from tcpproxy.rollout import elapsed_at, format_seconds
 
 DEFAULT_CONFIGMAP = "tcpproxy-routes"
-ACTIONS = ("pause", "resume", "abort")
+ACTIONS = ("start", "pause", "resume", "abort")
+DECISIONS = ("paused_at", "paused_for", "aborted_at", "abort_reason", "completed")
 
 
 class EditError(Exception):
@@ -116,6 +119,14 @@ def edit_text(
             continue
         block: CommentedMap = entry["rollout"]
         where = f"listeners[{i}].rollout"
+        if action == "start":
+            for key in DECISIONS:
+                block.pop(key, None)
+            _put_after(block, "started_at", stamp, ("step_duration",))
+            steps = list(block.get("steps") or ())
+            summary = f"started at {stamp}: step 1 of {len(steps)}, {steps[0] if steps else 0}%"
+            edits.append(Edit(name, f"rollout {block.get('from')} -> {block.get('to')} {summary}"))
+            continue
         if "aborted_at" in block:
             raise EditError(f"{where}: {name}: the rollout is aborted already; nothing to {action}")
         ended = _step_text(block, now.timestamp()).endswith("ended)")

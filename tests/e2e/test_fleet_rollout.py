@@ -286,6 +286,22 @@ def test_one_replicas_failing_backend_aborts_every_replica_and_a_later_one_start
     reported = fleet.prometheus.query(f'tcpproxy_rollout_aborted{{rollout="{identity}"}} == 1')
     assert reported  # what the later replica will ask for
 
+    # The fleet's view, as Prometheus last scraped it: every replica aborted.
+    def fleet_view() -> str:
+        out = subprocess.run(
+            [*TCPPROXY, "rollout", "status", "--prometheus", fleet.prometheus.url, "--window=1m"],
+            cwd=REPO, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return out.stdout
+
+    wait_until(lambda: fleet_view().count(" aborted ") == 3, timeout=60, what="fleet view")
+    view = fleet_view()
+    print(view)
+    assert view.startswith(f"app: rollout {identity}: v1 -> v2\n")
+    for replica in fleet.replicas:
+        assert f"127.0.0.1:{replica.admin_port}" in view
+    assert "of the pair's new connections to v2" in view
+
     late = Replica("d", fleet.directory)
     late.config.write_text(rollout_yaml(late, fleet.backends["v2"], fleet.backends["v1"], block))
     fleet.replicas.append(late)
