@@ -92,12 +92,15 @@ def rollout_command(admin: str, action: str, listener: str | None, token: str | 
                 print(f"{name}: {action} refused: {body.get('error')}", file=sys.stderr)
                 return 2
             if http_status != 200:
-                print(
-                    f"{name}: cannot {action} a rollout that is {rollout['state']}"
-                    if rollout
-                    else f"{name}: {action} failed: {body.get('error', http_status)}",
-                    file=sys.stderr,
-                )
+                if not rollout:
+                    why = f"{action} failed: {body.get('error', http_status)}"
+                elif rollout.get("paused_at") is not None and action == "resume":
+                    why = "paused in the config file: resume it there (--config FILE)"
+                elif rollout.get("aborted_at") is not None:
+                    why = f"aborted in the config file: cannot {action} it"
+                else:
+                    why = f"cannot {action} a rollout that is {rollout['state']}"
+                print(f"{name}: {why}", file=sys.stderr)
                 code = 1
         return code
     except (urllib.error.URLError, OSError) as exc:
