@@ -255,6 +255,7 @@ class Snapshot:
 
 def _snapshot(
     backends: list[Backend],
+    live: int,
     carried: dict[Labels, _Carried],
     durations: dict[Labels, _Durations],
     rollouts: tuple[RolloutRow, ...],
@@ -273,7 +274,9 @@ def _snapshot(
         [b.ends.copy() for b in backends],
         [b.drain_closed for b in backends],
         [b.weight for b in backends],
-        [b.drain_deadline is not None for b in backends],
+        # Past `live`, backends that drained away and linger for a last scrape: no longer
+        # draining, whatever their deadline was.
+        [i < live and b.drain_deadline is not None for i, b in enumerate(backends)],
         [b.healthy and not b.ejected for b in backends],
         {key: c.raw(key) for key, c in carried.items()},
         (
@@ -606,8 +609,11 @@ class Metrics:
     def snapshot(self) -> Snapshot:
         """Every per-backend and rollout figure as it is now: a copy, on the event loop."""
         with _no_gc():
+            self._prune()
+            live = list(self._backends())
             return _snapshot(
-                list(self._reported()),
+                live + [backend for _, backend in self._lingering],
+                len(live),
                 self._carried,
                 self._durations,
                 _rollout_rows(self._rollouts()),
@@ -629,12 +635,6 @@ class Metrics:
             return text, False
         body = await loop.run_in_executor(self._executor, gzip.compress, text, GZIP_LEVEL)
         return body, True
-
-    def _reported(self) -> Iterator[Backend]:
-        self._prune()
-        yield from self._backends()
-        for _, backend in self._lingering:
-            yield backend
 
     def _prune(self) -> None:
         now = time.monotonic()
