@@ -41,7 +41,7 @@ from prometheus_client.utils import floatToGoString
 from tcpproxy import __version__
 from tcpproxy.backend import CONNECT_FAILURE_REASONS, Backend
 from tcpproxy.rollout import STATES as ROLLOUT_STATES
-from tcpproxy.rollout import Rollout
+from tcpproxy.rollout import Rollout, split_weights
 
 PREFIX = "tcpproxy_"
 # How long a drained-away backend's series stay after its last connection closed, so that
@@ -108,6 +108,11 @@ _ROLLOUT_SHARE = (
     "The new backend's share of new connections under the rollout.",
 )
 _ROLLOUT_STATE = (PREFIX + "rollout_state", "gauge", "1 for the rollout's current state.")
+_ROLLOUT_WEIGHT = (
+    PREFIX + "rollout_weight",
+    "gauge",
+    "The weight the rollout gives its two backends in place of their configured weights.",
+)
 
 
 class BackendRow(NamedTuple):
@@ -140,6 +145,9 @@ class RolloutRow(NamedTuple):
     backend: str
     share: float
     state: str
+    from_backend: str
+    from_weight: int
+    to_weight: int
 
 
 # One Backend's figures (or the counts carried for its name): listener, name, total, active,
@@ -349,6 +357,9 @@ def _rollout_rows(rollouts: Iterable[tuple[str, Rollout]]) -> tuple[RolloutRow, 
             rollout.config.to,
             rollout.applied_share,
             rollout.state,
+            rollout.config.from_,
+            # The balancer's weights for the share, as the pool sets them.
+            *split_weights(rollout.applied_share),
         )
         for listener, rollout in rollouts
     )
@@ -392,13 +403,16 @@ def _families(snapshot: Snapshot) -> Iterator[Metric]:
     step = _gauge(_ROLLOUT_STEP, ["listener"])
     share = _gauge(_ROLLOUT_SHARE, ["listener", "backend"])
     state = _gauge(_ROLLOUT_STATE, ["listener", "state"])
+    rollout_weight = _gauge(_ROLLOUT_WEIGHT, ["listener", "backend"])
     for ro in snapshot.rollouts:
         step.add_metric([ro.listener], ro.step)
         share.add_metric([ro.listener, ro.backend], ro.share)
         for name in ROLLOUT_STATES:
             state.add_metric([ro.listener, name], 1 if ro.state == name else 0)
+        rollout_weight.add_metric([ro.listener, ro.from_backend], ro.from_weight)
+        rollout_weight.add_metric([ro.listener, ro.backend], ro.to_weight)
     yield from (total, active, traffic, failures, closed, drained, weight, draining, up)
-    yield from (duration, step, share, state)
+    yield from (duration, step, share, state, rollout_weight)
 
 
 class _SnapshotCollector(Collector):
@@ -526,6 +540,11 @@ def _render(snapshot: Snapshot, registry: CollectorRegistry) -> bytes:
         for state in ROLLOUT_STATES:
             lab = f'listener="{_escape(ro.listener)}",state="{state}"'
             put(f"{_ROLLOUT_STATE[0]}{{{lab}}} {1 if ro.state == state else 0}\n")
+    _header(out, _ROLLOUT_WEIGHT)
+    for ro in snapshot.rollouts:
+        for backend, weight in ((ro.from_backend, ro.from_weight), (ro.backend, ro.to_weight)):
+            lab = f'listener="{_escape(ro.listener)}",backend="{_escape(backend)}"'
+            put(f"{_ROLLOUT_WEIGHT[0]}{{{lab}}} {weight}\n")
     # Joined and encoded in slices: one join of the whole text would hold the interpreter
     # lock, and so the event loop, for as long as it takes to copy it.
     step = 4096
