@@ -80,6 +80,8 @@ class BackendPool:
             backend.weight = cfg.weight
             ordered.append(backend)
         self._ordered = ordered
+        # In file order, a re-added backend in its place rather than last (/status, the page).
+        self.backends = {backend.key: backend for backend in ordered}
         if self._history_handle is None:
             self._history_handle = self.loop.call_later(HISTORY_INTERVAL_S, self._sample_history)
         self._configure_rollout(None if retired else config.rollout)

@@ -349,6 +349,8 @@ def test_backend_put_back_before_deadline_is_active_again(
         assert deadline is not None
         assert running.backend_stat("app", "v1", "state") == "active"
         assert running.backend_stat("app", "v1", "drain_deadline") is None
+        # Listed where the file has it (first), not after the backends that stayed.
+        assert running.state(lambda p: [b.name for b in p.all_backends()]) == ["v1", "v2"]
         # Past the old deadline, on the proxy's own clock: its timers in order, so anything
         # the old deadline would have done is done by then. The connections are still served.
         running.thread.run(sleep_until(deadline + DRAIN_CLOSE_WINDOW_S))
