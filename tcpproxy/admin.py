@@ -118,7 +118,7 @@ def status(proxy: Proxy) -> dict[str, Any]:
                     "connect_failures": dict(b.connect_failures),
                     "drain_closed": b.drain_closed,
                     "drain_deadline": None if left is None else wall_now + left,
-                    "drain_seconds_left": left,
+                    "drain_seconds_left": None if left is None else round(left, 1),
                 }
             )
         listeners.append(

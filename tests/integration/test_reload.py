@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -200,6 +201,21 @@ def test_same_bytes_again_is_not_a_reload(backends: Backends, start_proxy: Start
     wait_until(lambda: any(began > written for began, _ in watched), what="the watch reloads")
     assert {result for _, result in watched} == {"unchanged"}
     assert running.reload_count("success") == 1  # only the start-up
+
+
+def test_an_asked_for_reload_of_the_same_bytes_says_so(
+    backends: Backends, start_proxy: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`kill -HUP` or POST /-/reload with the file unchanged: one line says it was heard;
+    the watch and the poll, which find the same bytes all the time, stay quiet."""
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    running = start_proxy(two_backends(free_port(), v1, v2, 1, 1))
+    with caplog.at_level(logging.INFO, logger="tcpproxy"):
+        for trigger in ("sighup", "admin", "poll", "watch"):
+            assert running.reload(trigger).result == "unchanged"
+    said = [r for r in caplog.records if getattr(r, "result", None) == "unchanged"]
+    assert [getattr(r, "trigger", None) for r in said] == ["sighup", "admin"]
+    assert said[0].getMessage().startswith(f"config unchanged from {running.config_path}")
 
 
 # -- semantics: pinning and draining --
