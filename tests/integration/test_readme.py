@@ -145,7 +145,10 @@ def uses(command: str, subcommands: set[str]) -> Iterator[Use]:
         for arg in rest:
             if arg in _SEPARATORS or arg in ("tcpproxy", "python", "python3"):
                 break
-            flags += [f for f in _FLAG.findall(arg) if arg.startswith(f)]
+            # `ID|--backend B`: each alternative may be a flag.
+            flags += [
+                f for part in arg.split("|") for f in _FLAG.findall(part)[:1] if part.startswith(f)
+            ]
         yield Use(program, tuple(flags))
 
 
@@ -349,6 +352,10 @@ def test_the_flag_check_sees_commands_usage_lines_and_prose() -> None:
     inside = "kubectl exec deploy/tcpproxy -- tcpproxy rollout pause --admin 127.0.0.1:9901"
     assert list(uses(inside, subcommands)) == [Use("tcpproxy rollout", ("--admin",))]
     assert list(uses("kubectl get service tcpproxy --watch", subcommands)) == []
+    either = "tcpproxy check ID|--config PATH|--max-config-size=1MiB"
+    assert list(uses(either, subcommands)) == [
+        Use("tcpproxy check", ("--config", "--max-config-size"))
+    ]
     script = "python benchmarks/soak.py --quick"
     assert list(uses(script, subcommands)) == [Use("benchmarks/soak.py", ("--quick",))]
     assert "--quick" in script_flags("benchmarks/soak.py")
@@ -418,7 +425,8 @@ def readme_endpoints() -> set[tuple[str, str]]:
         for span in spans:
             match = _ENDPOINT.match(span)
             if match:
-                found.add((match.group(1), _readme_pattern(match.group(2))))
+                path = match.group(2).partition("?")[0]  # the endpoint, not its query
+                found.add((match.group(1), _readme_pattern(path)))
     return found
 
 
