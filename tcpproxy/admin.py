@@ -97,7 +97,11 @@ def status(proxy: Proxy) -> dict[str, Any]:
         configured = sum(weight_of(b) for b in listener.backends.values() if b.eligible())
         backends = []
         for b in listener.all_backends():
-            left = None if b.drain_deadline is None else max(0.0, b.drain_deadline - loop_now)
+            left = (
+                None
+                if b.drain_deadline is None
+                else round(max(0.0, b.drain_deadline - loop_now), 1)  # 58.7, not 58.6799999
+            )
             backends.append(
                 {
                     "name": b.name,

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tcpproxy import __version__
-from tcpproxy.config import ConfigError
+from tcpproxy.config import ConfigError, split_host_port
 from tcpproxy.config_worker import load_isolated
-from tcpproxy.logs import setup_logging
+from tcpproxy.logs import plural, setup_logging
 from tcpproxy.settings import Settings, SettingsError, load_settings, read_admin_token
 
 
@@ -207,8 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # In a child process with a time and memory limit, as `run` parses it.
                 loaded = asyncio.run(load_isolated(settings.config, settings.max_config_size))
             except ConfigError as exc:
-                print("\n".join(exc.problems), file=sys.stderr)
+                print("\n".join(settings.hint_missing_config(exc.problems)), file=sys.stderr)
                 return 1
+            for warning in loaded.warnings():
+                print(warning, file=sys.stderr)
             from tcpproxy.rollout import schedule_problems  # noqa: PLC0415
 
             if problems := schedule_problems(loaded.config, str(settings.config), time.time()):
@@ -216,8 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             count = sum(len(lst.backends) for lst in loaded.config.listeners)
             print(
-                f"{settings.config}: ok ({len(loaded.config.listeners)} listeners, "
-                f"{count} backends, sha256 {loaded.sha256[:12]})"
+                f"{settings.config}: ok ({plural(len(loaded.config.listeners), 'listener')}, "
+                f"{plural(count, 'backend')}, sha256 {loaded.sha256[:12]})"
             )
             return 0
         if args.command == "rollout":
@@ -232,6 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "echo":
             from tcpproxy.demo import echo_main  # noqa: PLC0415
 
+            try:
+                split_host_port(args.listen)
+            except ValueError as exc:
+                print(f"--listen: {exc}", file=sys.stderr)
+                return 2
             setup_logging()
             return run_loop(echo_main(args.name, args.listen))
         if args.command in ("demo", "run") and not hasattr(select, "epoll"):
@@ -242,11 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         if args.command == "demo":
-            from tcpproxy.demo import demo_config_path, demo_main  # noqa: PLC0415
+            from tcpproxy.demo import demo_config, demo_main  # noqa: PLC0415
 
-            settings = _settings(args, config=args.config or demo_config_path())
-            setup_logging(settings.log_level, settings.log_format, settings.access_log)
-            return run_loop(demo_main(settings))
+            with demo_config(args.config) as config:
+                settings = _settings(args, config=config)
+                setup_logging(settings.log_level, settings.log_format, settings.access_log)
+                return run_loop(demo_main(settings))
         settings = _settings(args)
         from tcpproxy.server import serve  # noqa: PLC0415
 

@@ -31,7 +31,8 @@ from yaml.composer import Composer
 from yaml.events import AliasEvent
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*")
+# A sign is matched so that "-1" is told it must be >= 0, not that it is no duration.
+_DURATION_RE = re.compile(r"\s*(-?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h)?\s*")
 # Milliseconds divide rather than multiply by 0.001, so that "9ms" is exactly 0.009.
 _UNIT_MULTIPLY = {"s": 1, "m": 60, "h": 3600, None: 1}
 _HOST_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -74,7 +75,7 @@ def parse_duration(value: object) -> float:
         seconds = float("inf")
     if not 0 <= seconds < float("inf"):
         raise ValueError(f"invalid duration {value!r}: must be a finite value >= 0")
-    return seconds
+    return seconds + 0.0  # "-0" is 0.0, not -0.0
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -131,6 +132,13 @@ def _other_ipv4_spelling(host: str) -> bool:
 
 def _check_address(text: str) -> str:
     split_host_port(text)
+    return text
+
+
+def _every_interface(text: object) -> object:
+    """`:8008` (no host, as Go and Envoy write it) is every IPv4 interface: 0.0.0.0:8008."""
+    if isinstance(text, str) and text.startswith(":"):
+        return "0.0.0.0" + text
     return text
 
 
@@ -268,7 +276,7 @@ class RolloutConfig(_Model):
 
 class ListenerConfig(_Model):
     name: Name
-    bind: Address
+    bind: Annotated[Address, BeforeValidator(_every_interface)]
     backends: tuple[BackendConfig, ...]
     drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT_S
     connect_timeout: Annotated[Duration, Field(gt=0)] = DEFAULT_CONNECT_TIMEOUT_S
@@ -363,6 +371,15 @@ class LoadedConfig:
     config: RouteConfig
     sha256: str
     source: str
+
+    def warnings(self) -> list[str]:
+        """What is valid but most likely not meant, one line each, like the problems."""
+        return [
+            f"{self.source}: listeners[{i}].backends: every weight is 0, so no backend takes "
+            "new connections: each one is closed at once (rejected as no_backend)"
+            for i, listener in enumerate(self.config.listeners)
+            if not any(b.weight for b in listener.backends)
+        ]
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

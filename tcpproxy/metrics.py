@@ -118,6 +118,12 @@ _ROLLOUT_INFO = (
     "gauge",
     "The rollout in force: its identity, backends and steps (always 1).",
 )
+_ROLLOUT_WEIGHT = (
+    PREFIX + "rollout_weight",
+    "gauge",
+    "The weight the rollout gives each of its two backends in place of the configured one, "
+    "on the configured weights' scale (their sum, split by the step's share).",
+)
 
 
 class BackendRow(NamedTuple):
@@ -153,6 +159,8 @@ class RolloutRow(NamedTuple):
     identity: str
     from_: str
     steps: str  # "5,25,50,100"
+    from_weight: float
+    to_weight: float
 
 
 # One Backend's figures (or the counts carried for its name): listener, name, total, active,
@@ -268,6 +276,7 @@ class Snapshot:
 
 def _snapshot(
     backends: list[Backend],
+    live: int,
     carried: dict[Labels, _Carried],
     durations: dict[Labels, _Durations],
     rollouts: tuple[RolloutRow, ...],
@@ -286,7 +295,9 @@ def _snapshot(
         [b.ends.copy() for b in backends],
         [b.drain_closed for b in backends],
         [b.weight for b in backends],
-        [b.drain_deadline is not None for b in backends],
+        # Past `live`, backends that drained away and linger for a last scrape: no longer
+        # draining, whatever their deadline was.
+        [i < live and b.drain_deadline is not None for i, b in enumerate(backends)],
         [b.healthy and not b.ejected for b in backends],
         {key: c.raw(key) for key, c in carried.items()},
         (
@@ -362,6 +373,9 @@ def _rollout_rows(rollouts: Iterable[tuple[str, Rollout]]) -> tuple[RolloutRow, 
             rollout.identity,
             rollout.config.from_,
             ",".join(map(str, rollout.config.steps)),
+            # On the configured weights' scale: the pair's sum split by the share.
+            rollout.pair_weight * (100 - rollout.applied_share) / 100,
+            rollout.pair_weight * rollout.applied_share / 100,
         )
         for listener, rollout in rollouts
     )
@@ -407,6 +421,7 @@ def _families(snapshot: Snapshot) -> Iterator[Metric]:
     state = _gauge(_ROLLOUT_STATE, ["listener", "state"])
     aborted = _gauge(_ROLLOUT_ABORTED, ["listener", "rollout"])
     info = _gauge(_ROLLOUT_INFO, ["listener", "rollout", "from", "to", "steps"])
+    rollout_weight = _gauge(_ROLLOUT_WEIGHT, ["listener", "backend"])
     for ro in snapshot.rollouts:
         step.add_metric([ro.listener], ro.step)
         share.add_metric([ro.listener, ro.backend], ro.share)
@@ -414,8 +429,10 @@ def _families(snapshot: Snapshot) -> Iterator[Metric]:
             state.add_metric([ro.listener, name], 1 if ro.state == name else 0)
         aborted.add_metric([ro.listener, ro.identity], 1 if ro.state == "aborted" else 0)
         info.add_metric([ro.listener, ro.identity, ro.from_, ro.backend, ro.steps], 1)
+        rollout_weight.add_metric([ro.listener, ro.from_], ro.from_weight)
+        rollout_weight.add_metric([ro.listener, ro.backend], ro.to_weight)
     yield from (total, active, traffic, failures, closed, drained, weight, draining, up)
-    yield from (duration, step, share, state, aborted, info)
+    yield from (duration, step, share, state, aborted, info, rollout_weight)
 
 
 class _SnapshotCollector(Collector):
@@ -554,6 +571,11 @@ def _render(snapshot: Snapshot, registry: CollectorRegistry) -> bytes:
             f'from="{_escape(ro.from_)}",to="{_escape(ro.backend)}",steps="{ro.steps}"'
         )
         put(f"{_ROLLOUT_INFO[0]}{{{lab}}} 1\n")
+    _header(out, _ROLLOUT_WEIGHT)
+    for ro in snapshot.rollouts:
+        for backend, weight in ((ro.from_, ro.from_weight), (ro.backend, ro.to_weight)):
+            lab = f'listener="{_escape(ro.listener)}",backend="{_escape(backend)}"'
+            put(f"{_ROLLOUT_WEIGHT[0]}{{{lab}}} {_number(weight)}\n")
     # Joined and encoded in slices: one join of the whole text would hold the interpreter
     # lock, and so the event loop, for as long as it takes to copy it.
     step = 4096
@@ -651,8 +673,11 @@ class Metrics:
     def snapshot(self) -> Snapshot:
         """Every per-backend and rollout figure as it is now: a copy, on the event loop."""
         with _no_gc():
+            self._prune()
+            live = list(self._backends())
             return _snapshot(
-                list(self._reported()),
+                live + [backend for _, backend in self._lingering],
+                len(live),
                 self._carried,
                 self._durations,
                 _rollout_rows(self._rollouts()),
@@ -674,12 +699,6 @@ class Metrics:
             return text, False
         body = await loop.run_in_executor(self._executor, gzip.compress, text, GZIP_LEVEL)
         return body, True
-
-    def _reported(self) -> Iterator[Backend]:
-        self._prune()
-        yield from self._backends()
-        for _, backend in self._lingering:
-            yield backend
 
     def _prune(self) -> None:
         now = time.monotonic()

@@ -83,6 +83,8 @@ class BackendPool:
             backend.weight = cfg.weight
             ordered.append(backend)
         self._ordered = ordered
+        # In file order, a re-added backend in its place rather than last (/status, the page).
+        self.backends = {backend.key: backend for backend in ordered}
         if self._history_handle is None:
             self._history_handle = self.loop.call_later(HISTORY_INTERVAL_S, self._sample_history)
         self._configure_rollout(None if retired else config.rollout)
@@ -169,6 +171,7 @@ class BackendPool:
         weights = {b.name: b.weight for b in self._ordered}
         rollout = self.rollout
         if rollout is not None and {rollout.config.from_, rollout.config.to} <= weights.keys():
+            rollout.pair_weight = weights[rollout.config.from_] + weights[rollout.config.to]
             weights = pair_weights(
                 weights, rollout.config.from_, rollout.config.to, self._rollout_share
             )

@@ -139,6 +139,15 @@ class Proxy:
                     )
                     self._record(result)
                     return result
+                if trigger in ("sighup", "admin"):
+                    # Asked for by someone: say it was heard (the watch and poll stay quiet).
+                    log.info(
+                        "config unchanged from %s sha256=%s (%s): nothing to apply",
+                        self.config_path,
+                        sha256,
+                        trigger,
+                        extra={"sha256": sha256, "result": "unchanged", "trigger": trigger},
+                    )
                 return ReloadResult("unchanged", trigger, time.time(), sha256, "no change")
             failure = self.last_failure
             if (
@@ -153,6 +162,8 @@ class Proxy:
                 if self.shutting_down:  # the parse was cut short by shutdown, or outlived it
                     return self._stopping(trigger)
                 plan = await self._apply(loaded)
+                for warning in loaded.warnings():
+                    log.warning(warning)
             except ConfigError as exc:
                 if self.shutting_down:
                     return self._stopping(trigger)

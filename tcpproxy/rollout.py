@@ -150,6 +150,7 @@ class Rollout:
         # What the balancer follows now (the listener applies the schedule on its ticks).
         self.applied_step = 0
         self.applied_share = 0
+        self.pair_weight = 0  # weight(from) + weight(to) as configured: what the pair splits
 
     def update(self, config: RolloutConfig) -> None:
         """The same rollout (same identity) with other decisions or thresholds from a

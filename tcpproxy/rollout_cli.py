@@ -36,7 +36,10 @@ def _call(url: str, method: str = "GET", token: str | None = None) -> tuple[int,
     request = urllib.request.Request(url, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            return response.status, json.load(response)
+            try:
+                return response.status, json.load(response)
+            except ValueError:  # not JSON: whatever answers there is no tcpproxy
+                return response.status, {"error": "the answer is not JSON"}
     except urllib.error.HTTPError as exc:
         with exc:
             try:
@@ -67,7 +70,10 @@ def rollout_command(admin: str, action: str, listener: str | None, token: str | 
         return 2
     base = admin_url(admin)
     try:
-        _, status = _call(f"{base}/status")
+        http_status, status = _call(f"{base}/status")
+        if http_status != 200 or not isinstance(status, dict) or "listeners" not in status:
+            print(f"{admin} is not a tcpproxy admin server (HTTP {http_status})", file=sys.stderr)
+            return 2
         rollouts = {
             lst["name"]: lst["rollout"]
             for lst in status["listeners"]
@@ -104,7 +110,14 @@ def rollout_command(admin: str, action: str, listener: str | None, token: str | 
                 code = 1
         return code
     except (urllib.error.URLError, OSError) as exc:
-        print(f"cannot reach the admin server at {admin}: {exc}", file=sys.stderr)
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, OSError):
+            reason = reason.strerror or str(reason)  # "Connection refused", not the repr
+        print(
+            f"cannot reach the admin server at {admin}: {reason} (is tcpproxy running with "
+            "its admin server there? --admin or TCPPROXY_ADMIN says where)",
+            file=sys.stderr,
+        )
         return 2
 
 

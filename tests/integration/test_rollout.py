@@ -6,7 +6,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -57,6 +57,30 @@ def rollout_state(running: RunningProxy) -> dict[str, object]:
     return running.state(read)
 
 
+def effective_weights(running: RunningProxy) -> dict[str, int]:
+    """The weights the listener's balancer follows now, by backend."""
+
+    def read(proxy: Proxy) -> dict[str, int]:
+        listener = proxy.listeners["app"]
+        return {b.name: listener.effective_weight(b) for b in listener.all_backends()}
+
+    return running.state(read)
+
+
+def exported_rollout_weights(running: RunningProxy) -> dict[str, float | None]:
+    return {
+        name: running.metric("tcpproxy_rollout_weight", listener="app", backend=name)
+        for name in ("v1", "v2")
+    }
+
+
+def shares(weights: Mapping[str, float | None]) -> dict[str, float]:
+    """Each weight's part of their sum: the balancer's weights are reduced, the exported
+    ones on the configured scale, and the shares are what both must agree on."""
+    total = sum(w or 0 for w in weights.values())
+    return {name: round((w or 0) / total, 9) for name, w in weights.items()}
+
+
 def after_a_tick(running: RunningProxy) -> None:
     """Return once a rollout tick has run after this call began (they run at least every
     ROLLOUT_TICK_MAX_S, by the proxy's loop clock)."""
@@ -86,6 +110,7 @@ def test_steps_move_the_share_then_complete_at_100(
         seen = greetings(port, 8)
         assert rollout_state(running)["step"] == step, "the step changed while counting"
         observed[share] = seen["v2"] / 8
+        assert shares(exported_rollout_weights(running)) == shares(effective_weights(running))
     assert observed == {25: 0.25, 50: 0.5, 75: 0.75}
     assert running.metric("tcpproxy_rollout_share_percent", listener="app", backend="v2") == 75
     assert running.metric("tcpproxy_rollout_step", listener="app") == 3
@@ -93,6 +118,8 @@ def test_steps_move_the_share_then_complete_at_100(
     wait_until(lambda: rollout_state(running)["state"] == "completed", what="completed")
     assert running.metric("tcpproxy_rollout_state", listener="app", state="completed") == 1
     assert greetings(port, 8) == {"v2": 8}
+    assert exported_rollout_weights(running) == {"v1": 0, "v2": 1}  # v1's weight 1, all to v2
+    assert effective_weights(running) == {"v1": 0, "v2": 1}
 
 
 def test_failures_in_the_new_backend_abort_and_leave_its_connections(
