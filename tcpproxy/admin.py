@@ -10,13 +10,13 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from aiohttp import hdrs, web
 
-from tcpproxy import __version__
+from tcpproxy import __version__, live_connections
 from tcpproxy.admin_access import (
     READ_ONLY_METHODS,
     ControlPolicy,
@@ -596,6 +596,79 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         conns.request_done(request.transport)  # the deadline for the next request
 
 
+def _bad_query(exc: ValueError) -> web.Response:
+    return web.json_response({"error": str(exc)}, status=400, headers=_NO_STORE)
+
+
+async def _connections(request: web.Request) -> web.Response:
+    try:
+        query = live_connections.Query.parse(request.query)
+    except ValueError as exc:
+        return _bad_query(exc)
+    listeners = request.app[PROXY_KEY].all_listeners()
+    return web.json_response(live_connections.listing(listeners, query), headers=_NO_STORE)
+
+
+async def _close_connection(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    conn_id = int(request.match_info["id"])
+    conn = live_connections.find(proxy.all_listeners(), conn_id)
+    if conn is None:
+        return web.json_response({"error": f"no open connection {conn_id}"}, status=404)
+    described = live_connections.describe(conn)
+    log.warning(
+        "%s: closing connection %d from %s to %s, asked for by %s",
+        described["listener"],
+        conn_id,
+        described["client"],
+        described["backend"] or "-",
+        _who(request),
+        extra={"listener": described["listener"], "client": _peer(request)},
+    )
+    live_connections.close(conn)
+    return web.json_response({"closing": 1, "connections": [described]})
+
+
+async def _close_connections(request: web.Request) -> web.Response:
+    """Every connection of one backend (narrowed by the other filters): "drain now"."""
+    try:
+        query = live_connections.Query.parse(request.query, paged=False)
+    except ValueError as exc:
+        return _bad_query(exc)
+    if query.backend is None:
+        return _bad_query(ValueError("backend: required (the backend whose connections to end)"))
+    proxy = request.app[PROXY_KEY]
+    holding = sorted(
+        {
+            lst.name
+            for lst in proxy.all_listeners()
+            if query.listener in (None, lst.name)
+            and any(b.name == query.backend for b in lst.all_backends())
+        }
+    )
+    if not holding:
+        where = f" on listener {query.listener!r}" if query.listener else ""
+        return web.json_response({"error": f"no backend {query.backend!r}{where}"}, status=404)
+    if len(holding) > 1:
+        return _bad_query(
+            ValueError(
+                f"listener: required, backend {query.backend!r} is on listeners "
+                f"{', '.join(holding)}"
+            )
+        )
+    query = replace(query, listener=holding[0])
+    count = live_connections.close_matching(proxy.all_listeners(), query)
+    log.warning(
+        "%s: closing %d connections of %s, asked for by %s",
+        holding[0],
+        count,
+        query.backend,
+        _who(request),
+        extra={"listener": holding[0], "backend": query.backend, "client": _peer(request)},
+    )
+    return web.json_response({"closing": count, "listener": holding[0], "backend": query.backend})
+
+
 def make_app(proxy: Proxy, control: _Control) -> web.Application:
     app = web.Application(middlewares=[_guard], client_max_size=CONTROL_BODY_MAX_BYTES)
     app[PROXY_KEY] = proxy
@@ -607,6 +680,9 @@ def make_app(proxy: Proxy, control: _Control) -> web.Application:
     app.router.add_get("/", _page)
     app.router.add_post("/-/reload", _reload)
     app.router.add_post("/rollout/{listener}/{action:pause|resume|abort}", _rollout)
+    app.router.add_get("/connections", _connections)
+    app.router.add_delete("/connections", _close_connections)
+    app.router.add_delete(r"/connections/{id:\d{1,19}}", _close_connection)
     return app
 
 
