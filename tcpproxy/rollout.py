@@ -18,6 +18,9 @@ PAUSED = "paused"
 COMPLETED = "completed"
 ABORTED = "aborted"
 STATES = (RUNNING, PAUSED, COMPLETED, ABORTED)
+# Pauses remembered for placing steps on the time line; past this, the oldest is folded into
+# a checkpoint (the steps that began before it are kept as they are).
+MAX_PAUSES = 32
 
 
 def step_at(steps: tuple[int, ...], step_duration_s: float, elapsed_s: float) -> int:
@@ -74,6 +77,13 @@ class Rollout:
         self.paused_s = 0.0  # running time lost to pauses, before `paused_since`
         self.paused_since: float | None = None
         self.window: deque[Sample] = deque()
+        # For the time line: the pauses that ended, the point from which step starts are
+        # worked out (wall time, running time then, the next step to begin), the steps that
+        # began before it, and when the rollout ended.
+        self.pauses: deque[tuple[float, float]] = deque()
+        self._checkpoint = (self.started_at, 0.0, 0)
+        self._folded: list[tuple[float, int]] = []
+        self.ended_at: float | None = None
         # What the balancer follows now (the listener applies the schedule on its ticks).
         self.applied_step = 0
         self.applied_share = 0
@@ -108,6 +118,8 @@ class Rollout:
     def advance(self, now: float, sample: Sample, b_up: bool) -> str | None:
         """Move the state on; returns an event to log ('completed', 'aborted: ...')."""
         if self.state not in (RUNNING, PAUSED):
+            if self.ended_at is None:
+                self.ended_at = now  # aborted by an operator: the first tick after it
             return None
         abort = self.config.abort
         window_s = abort.window
@@ -120,9 +132,14 @@ class Rollout:
         if reason is not None:
             self.state = ABORTED
             self.reason = reason
+            self.ended_at = now
             return f"aborted: {reason}"
         if self.state == RUNNING and self.step(now) >= len(self.config.steps):
             self.state = COMPLETED
+            # When the last step's time ran out, not this (later) tick.
+            starts = self.step_starts(now)
+            done = bool(starts) and starts[-1][1] == len(self.config.steps)
+            self.ended_at = starts[-1][0] if done else now
             return "completed"
         return None
 
@@ -137,16 +154,50 @@ class Rollout:
         if self.state != PAUSED or self.paused_since is None:
             return False
         self.paused_s += now - self.paused_since
+        self.pauses.append((self.paused_since, now))
         self.paused_since = None
+        if len(self.pauses) > MAX_PAUSES:
+            start, end = self.pauses[0]
+            self._folded += self._walk(end)
+            self.pauses.popleft()
+            at, elapsed, k = self._checkpoint
+            next_k = self._folded[-1][1] + 1 if self._folded else k
+            self._checkpoint = (end, elapsed + max(0.0, start - at), next_k)
         self.state = RUNNING
         return True
 
-    def abort(self, reason: str) -> bool:
+    def abort(self, reason: str, now: float | None = None) -> bool:
         if self.state in (COMPLETED, ABORTED):
             return False
         self.state = ABORTED
         self.reason = reason
+        self.ended_at = now
         return True
+
+    def step_starts(self, now: float) -> list[tuple[float, int]]:
+        """(wall time, step index) of each step that has begun by `now` (index len(steps):
+        the schedule's end, 100%), pauses accounted for; none after the rollout ended."""
+        return [*self._folded, *self._walk(now)]
+
+    def _walk(self, now: float) -> list[tuple[float, int]]:
+        """The step starts from the checkpoint on."""
+        at, elapsed, k = self._checkpoint
+        duration, count = self.config.step_duration, len(self.config.steps)
+        end = now if self.ended_at is None else min(now, self.ended_at)
+        out: list[tuple[float, int]] = []
+        spans = [*self.pauses]
+        if self.paused_since is not None:
+            spans.append((self.paused_since, now))
+        for start, stop in [*spans, (end, end)]:
+            run_until = min(start, end)
+            while k <= count and at + (k * duration - elapsed) <= run_until:
+                out.append((at + k * duration - elapsed, k))
+                k += 1
+            elapsed += max(0.0, run_until - at)
+            at = max(at, stop)
+            if at >= end:
+                break
+        return out
 
     def as_dict(self, now: float) -> dict[str, object]:
         return {
@@ -159,4 +210,20 @@ class Rollout:
             "started_at": self.started_at,
             "next_step_in_s": self.next_change(now),
             "reason": self.reason,
+            # The time line, for the status page's chart.
+            "step_starts": [
+                {"at": at, "step": k + 1, "share": self._share_of(k)}
+                for at, k in self.step_starts(now)
+            ],
+            "pauses": [
+                {"from": start, "until": stop}
+                for start, stop in [
+                    *self.pauses,
+                    *([(self.paused_since, None)] if self.paused_since is not None else []),
+                ]
+            ],
+            "ended_at": self.ended_at,
         }
+
+    def _share_of(self, index: int) -> int:
+        return self.config.steps[index] if index < len(self.config.steps) else 100

@@ -119,3 +119,46 @@ def test_abort_only_past_both_thresholds(
     )
     expected = attempts >= min_attempts and failures / attempts > max_ratio if attempts else False
     assert (reason is not None) == expected
+
+
+@given(
+    steps=step_lists,
+    duration=st.integers(min_value=1, max_value=600),
+    gaps=st.lists(st.integers(min_value=0, max_value=900), min_size=1, max_size=100),
+)
+def test_step_starts_follow_the_schedule_through_pauses(
+    steps: tuple[int, ...], duration: int, gaps: list[int]
+) -> None:
+    """At every moment, the time line's last step is the one in force, steps begin in time
+    order and never inside a pause, however many pauses (older ones folded away)."""
+    rollout = Rollout(config(steps, duration), started_at=1000.0)
+    now = 1000.0
+    for i, gap in enumerate(gaps):
+        now += gap
+        if i % 2 == 0:
+            rollout.pause(now)
+        else:
+            rollout.resume(now)
+        starts = rollout.step_starts(now)
+        assert starts, "the first step begins at the start"
+        assert starts[-1][1] == min(rollout.step(now), len(steps))
+        times = [at for at, _ in starts]
+        assert times == sorted(times)
+        assert all(at <= now for at in times)
+        indexes = [k for _, k in starts]
+        assert indexes == list(range(indexes[0], indexes[-1] + 1))
+        for at in times:
+            assert not any(start < at < stop for start, stop in rollout.pauses)
+    listed = rollout.as_dict(now)["step_starts"]
+    assert isinstance(listed, list)
+    assert listed[-1]["step"] == starts[-1][1] + 1
+
+
+def test_an_ended_rollout_has_no_later_steps() -> None:
+    rollout = Rollout(config((10, 50), 60), started_at=0.0)
+    assert rollout.abort("by hand", now=70.0)
+    assert [k for _, k in rollout.step_starts(500.0)] == [0, 1]
+    completed = Rollout(config((10, 50), 60), started_at=0.0)
+    assert completed.advance(130.0, Sample(130.0, 0, 0), True) == "completed"
+    assert completed.ended_at == 120.0
+    assert completed.step_starts(900.0) == [(0.0, 0), (60.0, 1), (120.0, 2)]
