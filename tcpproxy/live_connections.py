@@ -29,7 +29,9 @@ T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-STATES = tuple(s.value for s in State if s is not State.CLOSED)
+# Every state a listed connection can be in (ACCEPTED lasts only while the listener decides,
+# within one callback: no request ever sees it).
+STATES = tuple(s.value for s in State if s not in (State.ACCEPTED, State.CLOSED))
 HALF_CLOSED = "half_closed"  # either half-closed state
 DRAINING = "draining"  # the connection's backend is draining
 STATE_FILTERS = (*STATES, HALF_CLOSED, DRAINING)

@@ -4,6 +4,7 @@ how those ends are counted, and that only a guarded request can end anything."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -15,11 +16,13 @@ from tcpproxy.admin import AdminOptions
 from tests.harness import (
     Backends,
     Client,
+    RawBackend,
     RunningProxy,
     clients,
     config_yaml,
     free_port,
     listener_yaml,
+    read_to_end,
     wait_until,
 )
 from tests.integration import admin_http
@@ -110,7 +113,7 @@ def test_list_filter_and_page(backends: Backends, start_proxy: Start, admins: St
         ("?limit=0", "limit: '0' is not a whole number from 1 to 1000"),
         ("?limit=1001", "limit: '1001' is not a whole number from 1 to 1000"),
         ("?after=-1", "after: '-1' is not a whole number >= 0"),
-        ("?state=open", "state: 'open' is not one of accepted, awaiting_header"),
+        ("?state=open", "state: 'open' is not one of awaiting_header, connecting"),
         ("?backends=v1", "unknown parameter 'backends'"),
     ],
 )
@@ -256,3 +259,30 @@ def test_the_connections_command(
 
     assert cli.main(["connections", "--admin", f"127.0.0.1:{free_port()}"]) == 2
     assert "cannot reach the admin server" in capsys.readouterr().err
+
+
+def test_closing_a_connection_with_bytes_in_flight_is_a_reset(
+    start_proxy: Start, admins: StartAdmin
+) -> None:
+    """The backend has sent more than the client has read: the proxy holds some of it, so
+    ending the connection must not look like a complete stream to either side."""
+    backend = RawBackend()
+    port = free_port()
+    running = start_proxy(config_yaml(listener_yaml("app", port, {"v1": (backend.address, 1)})))
+    admin = admins(running.proxy)
+    client = Client(port)
+    upstream = backend.accept()
+    try:
+        upstream.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # until every buffer on the way is full
+                upstream.send(b"x" * 65536)
+        upstream.settimeout(10)  # blocking again, bounded
+        [conn] = listed(admin)["connections"]
+        assert admin.request(f"/connections/{conn['id']}", "DELETE").status == 200
+        assert read_to_end(client.sock)[1] == "reset"
+        assert read_to_end(upstream)[1] == "reset"
+    finally:
+        client.close()
+        upstream.close()
+        backend.close()
