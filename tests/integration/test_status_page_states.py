@@ -119,6 +119,17 @@ def test_status_page_through_a_rollout_a_drain_and_a_bad_reload(
         # A rollout v1 -> v2 in two 1-second steps, added by a reload; traffic throughout.
         running.write_config(routes(port, addresses, old=True, rollout=True))
         assert admin.post("/-/reload").status == 200
+        # Paused for a few intervals of traffic, then resumed.
+        assert admin.post("/rollout/shop/pause").status == 200
+        paused_at = shop(admin)["history"][-1]["at"]  # the interval under way: now
+
+        def some_intervals_later() -> bool:
+            greetings(port, 4)
+            finished = shop(admin)["history"][-2]["at"]
+            return bool(finished >= paused_at + 2 * pool.HISTORY_INTERVAL_S)
+
+        wait_until(some_intervals_later, what="traffic while paused")
+        assert admin.post("/rollout/shop/resume").status == 200
 
         def completed() -> bool:
             greetings(port, 4)
@@ -127,7 +138,7 @@ def test_status_page_through_a_rollout_a_drain_and_a_bad_reload(
         wait_until(completed, what="the rollout completed")
         look(browser, admin, "rollout")
         # Each mark once; marks closer than a few pixels share a label.
-        marks = " · ".join(svg_texts(browser, ".chart svg g > text")).split(" · ")
+        marks = " · ".join(svg_texts(browser, ".chart svg text[class^=m-]")).split(" · ")
         for mark in ("start", "reload", "step 1: 25%", "step 2: 75%", "100%", "completed"):
             assert marks.count(mark) == 1, marks
         listener = shop(admin)
@@ -138,6 +149,7 @@ def test_status_page_through_a_rollout_a_drain_and_a_bad_reload(
         for name in ("v1", "v2"):
             assert cells[name][2:4] == [str(weights[name]), str(effective[name])]
         assert browser.evaluate("document.querySelector('.chart path.target') !== null")
+        assert svg_texts(browser, ".chart svg g > text.paused") == ["paused"]
 
         # A drain: `old` leaves the config with two connections open.
         with clients(port, 4) as held:
@@ -160,7 +172,7 @@ def test_status_page_through_a_rollout_a_drain_and_a_bad_reload(
             errors = browser.evaluate("document.querySelector('.errors').innerText")
             assert "previous config keeps serving" in errors
             assert "oops" in errors
-            marks = " · ".join(svg_texts(browser, ".chart svg g > text")).split(" · ")
+            marks = " · ".join(svg_texts(browser, ".chart svg text[class^=m-]")).split(" · ")
             assert "rejected" in marks, marks
     finally:
         browser.close()
