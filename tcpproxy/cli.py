@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     conns = sub.add_parser(
         "connections", help="list live connections, or close one or a backend's (via admin)"
     )
-    conns.add_argument("action", nargs="?", choices=["close"], help="close instead of list")
-    conns.add_argument("id", nargs="?", type=int, help="the connection to close")
+    conns.add_argument(
+        "action", nargs="?", choices=["close"], metavar="close", help="close instead of list"
+    )
+    conns.add_argument("id", nargs="?", type=int, metavar="ID", help="the connection to close")
     conns.add_argument("--listener", help="only this listener's")
     conns.add_argument("--backend", help="only this backend's (close: all of them)")
     conns.add_argument("--state", help="only in this state (established, half_closed, ...)")
