@@ -162,3 +162,13 @@ def test_an_ended_rollout_has_no_later_steps() -> None:
     assert completed.advance(130.0, Sample(130.0, 0, 0), True) == "completed"
     assert completed.ended_at == 120.0
     assert completed.step_starts(900.0) == [(0.0, 0), (60.0, 1), (120.0, 2)]
+
+
+def test_an_operators_abort_ends_the_time_line_at_the_next_tick() -> None:
+    """The listener aborts without a time; its next tick (advance) supplies it."""
+    rollout = Rollout(config((10, 50), 60), started_at=0.0)
+    assert rollout.abort("aborted by an admin API request")
+    assert rollout.ended_at is None
+    assert rollout.advance(75.0, Sample(75.0, 0, 0), True) is None
+    assert rollout.ended_at == 75.0
+    assert [k for _, k in rollout.step_starts(900.0)] == [0, 1]
