@@ -1,0 +1,597 @@
+"""Istio VirtualService and Gateway API TCPRoute documents as route config (pure).
+
+A config file may hold, instead of the native `listeners` mapping, the route documents a
+mesh user already has (multi-document YAML, told apart by `apiVersion` and `kind`): each
+becomes native listeners, so reloads, drains and pinning are the same whatever the format.
+One document without `apiVersion` may go with them: its `listeners` entries either are
+native listeners or, named like a route's listener, add keys to it (the bind a TCPRoute
+lacks, timeouts, a rollout). What has no native equivalent is an error naming the document
+and field, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+from tcpproxy.config import (
+    ConfigError,
+    ListenerConfig,
+    Name,
+    RouteConfig,
+    _capped,
+    _format_validation_error,
+    split_host_port,
+)
+
+ISTIO_GROUP = "networking.istio.io"
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+# The versions of each kind read here; their fields are the same for what is mapped.
+KINDS: dict[tuple[str, str], tuple[str, ...]] = {
+    (ISTIO_GROUP, "VirtualService"): ("v1", "v1beta1", "v1alpha3"),
+    (GATEWAY_GROUP, "TCPRoute"): ("v1", "v1alpha2"),
+    (GATEWAY_GROUP, "ReferenceGrant"): ("v1", "v1beta1", "v1alpha2"),
+}
+# Gateway API kinds that route other protocols than plain TCP.
+_OTHER_ROUTES = {"HTTPRoute", "GRPCRoute", "TLSRoute", "UDPRoute"}
+# Where a namespace-less document lands with kubectl's default context.
+DEFAULT_NAMESPACE = "default"
+CLUSTER_DOMAIN = "svc.cluster.local"
+# A route's port becomes a listener on every address, as the mesh's gateway listens.
+BIND_HOST = "0.0.0.0"
+
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Metadata(BaseModel):
+    # Labels, annotations, uid and the rest select nothing here.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: Name
+    namespace: Name = DEFAULT_NAMESPACE
+
+
+class _Document(_Strict):
+    apiVersion: str  # the Kubernetes field names, as written
+    kind: str
+    metadata: _Metadata
+    status: object = None  # `kubectl get -o yaml` output has it
+
+
+# -- Istio VirtualService ------------------------------------------------------------------
+
+
+class _PortSelector(_Strict):
+    number: Port
+
+
+class _Destination(_Strict):
+    host: str
+    port: _PortSelector | None = None
+    subset: str | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, host: str) -> str:
+        split_host_port(f"{host}:1")  # the same host rule as a native address
+        return host
+
+    @field_validator("subset")
+    @classmethod
+    def _no_subset(cls, subset: str | None) -> None:
+        if subset is not None:
+            raise ValueError(
+                "cannot be mapped: a subset picks pods by label through a DestinationRule; "
+                "give each version a Service of its own and name it in host "
+                "(for example tcp-echo-v1 and tcp-echo-v2)"
+            )
+
+
+class _RouteDestination(_Strict):
+    destination: _Destination
+    weight: StrictInt | None = Field(default=None, ge=0)
+
+
+_L4_ONLY = "tcpproxy tells connections apart by port only"
+
+
+class _L4Match(_Strict):
+    port: Port | None = None
+    destinationSubnets: object = None
+    sourceLabels: object = None
+    sourceNamespace: object = None
+    gateways: object = None
+
+    @field_validator("destinationSubnets", "sourceLabels", "sourceNamespace", "gateways")
+    @classmethod
+    def _port_only(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError(f"cannot be mapped: {_L4_ONLY}")
+
+
+class _TCPRule(_Strict):
+    match: tuple[_L4Match, ...] = ()
+    route: tuple[_RouteDestination, ...]
+
+    @field_validator("route")
+    @classmethod
+    def _some(cls, route: tuple[_RouteDestination, ...]) -> tuple[_RouteDestination, ...]:
+        if not route:
+            raise ValueError("at least one destination is required")
+        return route
+
+
+class _VirtualServiceSpec(_Strict):
+    # Which proxies and names the mesh applies it to: tcpproxy is the one proxy.
+    hosts: tuple[str, ...] = ()
+    gateways: tuple[str, ...] = ()
+    exportTo: tuple[str, ...] = ()
+    tcp: tuple[_TCPRule, ...] = ()
+    http: object = None
+    tls: object = None
+
+    @field_validator("http")
+    @classmethod
+    def _no_http(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError(
+                "cannot be mapped: tcpproxy relays TCP connections and reads no HTTP; "
+                "route the port with tcp:"
+            )
+
+    @field_validator("tls")
+    @classmethod
+    def _no_tls(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError(
+                "cannot be mapped: TLS routes match the server name (SNI), which tcpproxy "
+                "does not read; route the port with tcp:"
+            )
+
+    @field_validator("tcp")
+    @classmethod
+    def _some(cls, tcp: tuple[_TCPRule, ...]) -> tuple[_TCPRule, ...]:
+        if not tcp:
+            raise ValueError("at least one tcp route is required")
+        return tcp
+
+
+class _VirtualService(_Document):
+    spec: _VirtualServiceSpec
+
+
+# -- Gateway API TCPRoute and ReferenceGrant -------------------------------------------------
+
+
+class _ParentRef(_Strict):
+    group: str = GATEWAY_GROUP
+    kind: str = "Gateway"
+    namespace: Name | None = None
+    name: Name
+    sectionName: str | None = None
+    port: Port | None = None
+
+
+class _BackendRef(_Strict):
+    group: str = ""
+    kind: str = "Service"
+    name: Name
+    namespace: Name | None = None
+    port: Port
+    weight: StrictInt = Field(default=1, ge=0, le=1_000_000)
+
+    @field_validator("kind")
+    @classmethod
+    def _service(cls, kind: str) -> str:
+        if kind != "Service":
+            raise ValueError(f"cannot be mapped: only Service backends, not {kind}")
+        return kind
+
+    @field_validator("group")
+    @classmethod
+    def _core(cls, group: str) -> str:
+        if group not in ("", "core"):
+            raise ValueError(f"cannot be mapped: only core Service backends, not group {group}")
+        return group
+
+
+class _TCPRouteRule(_Strict):
+    name: str | None = None
+    backendRefs: tuple[_BackendRef, ...]
+
+    @field_validator("backendRefs")
+    @classmethod
+    def _some(cls, refs: tuple[_BackendRef, ...]) -> tuple[_BackendRef, ...]:
+        if not refs:
+            raise ValueError("at least one backendRef is required")
+        return refs
+
+
+class _TCPRouteSpec(_Strict):
+    parentRefs: tuple[_ParentRef, ...] = ()
+    rules: tuple[_TCPRouteRule, ...]
+
+    @field_validator("rules")
+    @classmethod
+    def _one(cls, rules: tuple[_TCPRouteRule, ...]) -> tuple[_TCPRouteRule, ...]:
+        if len(rules) != 1:
+            raise ValueError(
+                "cannot be mapped: a listener has one weighted set of backends, so a TCPRoute "
+                f"needs exactly one rule (this one has {len(rules)}); write one TCPRoute each"
+            )
+        return rules
+
+
+class _TCPRoute(_Document):
+    spec: _TCPRouteSpec
+
+
+class _GrantFrom(_Strict):
+    group: str
+    kind: str
+    namespace: Name
+
+
+class _GrantTo(_Strict):
+    group: str
+    kind: str
+    name: Name | None = None
+
+
+class _ReferenceGrantSpec(_Strict):
+    from_: tuple[_GrantFrom, ...] = Field(alias="from")
+    to: tuple[_GrantTo, ...]
+
+
+class _ReferenceGrant(_Document):
+    spec: _ReferenceGrantSpec
+
+
+_MODELS: dict[str, type[_Document]] = {
+    "VirtualService": _VirtualService,
+    "TCPRoute": _TCPRoute,
+    "ReferenceGrant": _ReferenceGrant,
+}
+
+
+# -- mapping ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Routed:
+    """A listener a route document defines, before a native entry adds its keys."""
+
+    where: str  # "FILE: VirtualService tcp-echo", for messages
+    name: str
+    port: int | None
+    backends: list[dict[str, object]]
+    native: dict[str, object] = field(default_factory=dict)  # the native entry's keys
+    native_at: tuple[str, int] = ("", 0)  # ("FILE: document 2", its index in listeners)
+    failed: bool = False  # the route has problems of its own: no more about this listener
+
+
+def is_route_document(document: object) -> bool:
+    """A document that says what it is (`apiVersion`, `kind`), unlike native config."""
+    return isinstance(document, dict) and ("apiVersion" in document or "kind" in document)
+
+
+def _service_address(name: str, namespace: str, port: int) -> str:
+    return f"{name}.{namespace}.{CLUSTER_DOMAIN}:{port}"
+
+
+def _named(refs: list[tuple[str, str, int, int]]) -> list[dict[str, object]]:
+    """(name, address, port, weight) -> native backends; a name written twice (the same
+    Service on two ports) is told apart by its port."""
+    names = [name for name, _, _, _ in refs]
+    return [
+        {
+            "name": f"{name}-{port}" if names.count(name) > 1 else name,
+            "address": address,
+            "weight": weight,
+        }
+        for name, address, port, weight in refs
+    ]
+
+
+def _listener_names(name: str, ports: list[int | None]) -> list[str]:
+    """One listener keeps the document's name; several are told apart by their ports."""
+    return [name] if len(ports) == 1 else [f"{name}-{port}" for port in ports]
+
+
+def _virtual_service(vs: _VirtualService, where: str, problems: list[str]) -> list[_Routed]:
+    namespace, before = vs.metadata.namespace, len(problems)
+    rules: list[tuple[int, int | None]] = []  # (rule index, port) for each listener
+    seen: dict[int, int] = {}
+    for r, rule in enumerate(vs.spec.tcp):
+        ports = [m.port for m in rule.match]
+        if not ports or None in ports:
+            # No port, or a match without one: the rule takes every port.
+            rules.append((r, None))
+            continue
+        for m, port in enumerate(ports):
+            assert port is not None
+            if (first := seen.setdefault(port, r)) != r:
+                problems.append(
+                    f"{where}: spec.tcp[{r}].match[{m}].port: {port} is already routed by "
+                    f"spec.tcp[{first}]"
+                )
+                continue
+            rules.append((r, port))
+    if len(rules) > 1 and any(port is None for _, port in rules):
+        r = next(r for r, port in rules if port is None)
+        problems.append(
+            f"{where}: spec.tcp[{r}].match: a port is required: each tcp route of this "
+            "VirtualService becomes a listener of its own, on its port"
+        )
+        return []
+    routed = []
+    for (r, port), name in zip(
+        rules, _listener_names(vs.metadata.name, [p for _, p in rules]), strict=True
+    ):
+        route = vs.spec.tcp[r].route
+        refs = []
+        for d, item in enumerate(route):
+            dest = item.destination
+            if dest.port is None:
+                problems.append(
+                    f"{where}: spec.tcp[{r}].route[{d}].destination.port: required: tcpproxy "
+                    "does not look up a Service's ports"
+                )
+                continue
+            host = dest.host
+            if "." not in host:  # a short name is a Service in the document's namespace
+                address = _service_address(host, namespace, dest.port.number)
+            else:
+                address = f"{host}:{dest.port.number}"
+            # A lone destination takes all traffic whatever its weight; several share by
+            # weight, an unset one counting 0 (as the mesh reads it).
+            weight = 1 if len(route) == 1 else (item.weight or 0)
+            refs.append((host, address, dest.port.number, weight))
+        routed.append(_Routed(where, name, port, _named(refs)))
+    for listener in routed:
+        listener.failed = len(problems) > before
+    return routed
+
+
+def _granted(grants: list[_ReferenceGrant], from_ns: str, to_ns: str, service: str) -> bool:
+    """A ReferenceGrant in `to_ns` lets TCPRoutes of `from_ns` name this Service."""
+    for grant in grants:
+        if grant.metadata.namespace != to_ns:
+            continue
+        sources = any(
+            f.group == GATEWAY_GROUP and f.kind == "TCPRoute" and f.namespace == from_ns
+            for f in grant.spec.from_
+        )
+        targets = any(
+            t.group in ("", "core") and t.kind == "Service" and t.name in (None, service)
+            for t in grant.spec.to
+        )
+        if sources and targets:
+            return True
+    return False
+
+
+def _tcp_route(
+    route: _TCPRoute, where: str, grants: list[_ReferenceGrant], problems: list[str]
+) -> list[_Routed]:
+    namespace, before = route.metadata.namespace, len(problems)
+    refs = []
+    for k, ref in enumerate(route.spec.rules[0].backendRefs):
+        ref_ns = ref.namespace or namespace
+        if ref_ns != namespace and not _granted(grants, namespace, ref_ns, ref.name):
+            problems.append(
+                f"{where}: spec.rules[0].backendRefs[{k}].namespace: a Service in namespace "
+                f"{ref_ns} needs a ReferenceGrant there that lets TCPRoutes of namespace "
+                f"{namespace} refer to it (in this file)"
+            )
+            continue
+        name = ref.name if ref_ns == namespace else f"{ref.name}.{ref_ns}"
+        refs.append((name, _service_address(ref.name, ref_ns, ref.port), ref.port, ref.weight))
+    # Without a port in parentRefs it lives on the Gateway: a native entry gives the bind.
+    ports: list[int | None] = [*sorted({p.port for p in route.spec.parentRefs if p.port})]
+    ports = ports or [None]
+    backends = _named(refs)
+    return [
+        _Routed(where, name, port, backends, failed=len(problems) > before)
+        for name, port in zip(_listener_names(route.metadata.name, ports), ports, strict=True)
+    ]
+
+
+def _where(source: str, n: int, document: dict[Any, Any]) -> str:
+    kind = document.get("kind")
+    metadata = document.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if isinstance(kind, str) and isinstance(name, str):
+        return f"{source}: {kind} {name}"
+    return f"{source}: document {n}"
+
+
+def _check_kind(document: dict[Any, Any], where: str) -> str | None:
+    """The problem with a document's apiVersion and kind, if any."""
+    api_version, kind = document.get("apiVersion"), document.get("kind")
+    if not isinstance(api_version, str) or not isinstance(kind, str):
+        return f"{where}: apiVersion and kind are both required"
+    group, _, version = api_version.rpartition("/")
+    if (group, kind) not in KINDS:
+        if kind in _OTHER_ROUTES:
+            return f"{where}: kind: cannot be mapped: tcpproxy relays plain TCP; use a TCPRoute"
+        known = ", ".join(f"{k} ({g})" for g, k in KINDS)
+        return f"{where}: kind: {kind} ({api_version}) is not read here; route documents: {known}"
+    if version not in KINDS[group, kind]:
+        versions = ", ".join(f"{group}/{v}" for v in KINDS[group, kind])
+        return f"{where}: apiVersion: {api_version} is not one of {versions}"
+    return None
+
+
+def _native_listener(
+    entry: object, where: tuple[str, int], problems: list[str]
+) -> ListenerConfig | None:
+    try:
+        return ListenerConfig.model_validate(entry)
+    except ValidationError as exc:
+        problems.extend(_format_validation_error(where[0], exc, ("listeners", where[1])))
+        return None
+
+
+def _merged(routed: _Routed, source: str, problems: list[str]) -> ListenerConfig | None:
+    """The routed listener with its native entry's keys; each problem names where its field
+    came from."""
+    entry, (native_where, j) = routed.native, routed.native_at
+    if routed.failed:
+        return None
+    if "backends" in entry:
+        problems.append(
+            f"{native_where}: listeners[{j}].backends: the backends of {routed.name} come from "
+            f"{routed.where.removeprefix(source + ': ')}"
+        )
+        return None
+    if routed.port is None and "bind" not in entry:
+        problems.append(
+            f"{routed.where}: no port to listen on: give the port in the route "
+            "(VirtualService spec.tcp[].match[].port, TCPRoute spec.parentRefs[].port) or a "
+            f'bind in a listeners entry named {routed.name} (bind: "0.0.0.0:8008")'
+        )
+        return None
+    merged: dict[str, object] = {"name": routed.name, "backends": routed.backends}
+    if routed.port is not None:
+        merged["bind"] = f"{BIND_HOST}:{routed.port}"
+    merged.update(entry)
+    try:
+        return ListenerConfig.model_validate(merged)
+    except ValidationError as exc:
+        # Each problem is told where its key was written: the native entry or the route.
+        from_entry = [bool(e["loc"]) and e["loc"][0] in entry for e in exc.errors()]
+        mine = _format_validation_error(native_where, exc, ("listeners", j))
+        theirs = _format_validation_error(routed.where, exc)
+        problems += [
+            a if native else b for a, b, native in zip(mine, theirs, from_entry, strict=True)
+        ]
+        return None
+
+
+def _label(where: str, source: str) -> str:
+    """A listener's place without the file name: "document 2: listeners[0]"."""
+    return where.removeprefix(f"{source}: ").rstrip(":. ")
+
+
+def route_config(documents: Iterable[Any], source: str) -> RouteConfig:
+    """The native config of a file of route documents (and at most one native document);
+    ConfigError with one line per problem."""
+    problems: list[str] = []
+    native: tuple[int, dict[Any, Any]] | None = None
+    parsed: list[tuple[str, _Document]] = []
+    for n, document in enumerate(documents, start=1):
+        if document is None:
+            continue  # `---` with nothing after it
+        if not isinstance(document, dict):
+            problems.append(f"{source}: document {n}: expected a mapping")
+        elif not is_route_document(document):
+            if native is not None:
+                problems.append(
+                    f"{source}: document {n}: only one document without apiVersion and kind "
+                    f"(native listeners) may go with route documents; document {native[0]} is one"
+                )
+            else:
+                native = (n, document)
+        elif problem := _check_kind(document, where := _where(source, n, document)):
+            problems.append(problem)
+        else:
+            try:
+                parsed.append((where, _MODELS[document["kind"]].model_validate(document)))
+            except ValidationError as exc:
+                problems.extend(_format_validation_error(where, exc))
+    grants = [doc for _, doc in parsed if isinstance(doc, _ReferenceGrant)]
+    routed: list[_Routed] = []
+    for where, doc in parsed:
+        if isinstance(doc, _VirtualService):
+            routed += _virtual_service(doc, where, problems)
+        elif isinstance(doc, _TCPRoute):
+            routed += _tcp_route(doc, where, grants, problems)
+
+    by_name: dict[str, _Routed] = {}
+    for r in routed:
+        by_name.setdefault(r.name, r)  # a name used twice is reported below
+    listeners: list[tuple[str, ListenerConfig | None]] = []
+    native_only: list[tuple[tuple[str, int], object]] = []
+    if native is not None:
+        n, document = native
+        entries = document.get("listeners")
+        if set(document) - {"listeners"} or not isinstance(entries, list):
+            try:  # let the native model say what is wrong with it
+                RouteConfig.model_validate(document)
+            except ValidationError as exc:
+                problems.extend(_format_validation_error(f"{source}: document {n}", exc))
+            entries = []
+        for j, entry in enumerate(entries):
+            at = (f"{source}: document {n}", j)
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if isinstance(name, str) and name in by_name:
+                by_name[name].native, by_name[name].native_at = entry, at
+            else:
+                native_only.append((at, entry))
+    for r in routed:
+        listeners.append((f"{r.where}: ", _merged(r, source, problems)))
+    for at, entry in native_only:
+        listeners.append((f"{at[0]}: listeners[{at[1]}].", _native_listener(entry, at, problems)))
+    if not problems and not listeners:
+        problems.append(f"{source}: no VirtualService or TCPRoute: nothing to listen on")
+
+    binds: dict[tuple[str, int], int] = {}
+    names: dict[str, int] = {}
+    for i, (where, listener) in enumerate(listeners):
+        if listener is None:
+            continue
+        if (first := names.setdefault(listener.name, i)) != i:
+            problems.append(
+                f"{where}name: {listener.name!r} is already used by "
+                f"{_label(listeners[first][0], source)}"
+            )
+        if (first := binds.setdefault(split_host_port(listener.bind), i)) != i:
+            problems.append(
+                f"{where}bind: {listener.bind!r} is already used by "
+                f"{_label(listeners[first][0], source)}"
+            )
+        seen: set[str] = set()
+        for backend in listener.backends:
+            if backend.name in seen:
+                problems.append(f"{where}backends: {backend.name!r} appears twice")
+            seen.add(backend.name)
+    if problems:
+        raise ConfigError(_capped(problems, source))
+    return RouteConfig(listeners=tuple(lst for _, lst in listeners if lst is not None))
+
+
+# -- `tcpproxy convert` ------------------------------------------------------------------------
+
+
+def _plain_numbers(value: Any) -> Any:
+    """30.0 -> 30: durations come out of the model as float seconds."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(v) for v in value]
+    return value
+
+
+def native_yaml(config: RouteConfig, source: str) -> str:
+    """The config as a native route config file: only keys that differ from their defaults,
+    and every backend's weight."""
+    data = _plain_numbers(config.model_dump(mode="json", by_alias=True, exclude_defaults=True))
+    for listener in data["listeners"]:
+        listener["backends"] = [
+            {"name": b["name"], "address": b["address"], "weight": b.get("weight", 1)}
+            for b in listener["backends"]
+        ]
+    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    return f"# tcpproxy route config converted from {source}\n{body}"
