@@ -288,18 +288,16 @@ def _service_address(name: str, namespace: str, port: int) -> str:
     return f"{name}.{namespace}.{CLUSTER_DOMAIN}:{port}"
 
 
-def _named(refs: list[tuple[str, str, int, int]]) -> list[dict[str, object]]:
-    """(name, address, port, weight) -> native backends; a name written twice (the same
-    Service on two ports) is told apart by its port."""
-    names = [name for name, _, _, _ in refs]
-    return [
-        {
-            "name": f"{name}-{port}" if names.count(name) > 1 else name,
-            "address": address,
-            "weight": weight,
-        }
-        for name, address, port, weight in refs
-    ]
+def _add_backend(
+    backends: list[dict[str, object]], name: str, address: str, weight: int, at: str
+) -> str | None:
+    """Append a native backend; the problem if its name is taken. A backend is named by the
+    Service (or host) alone, so that its name, and with it its connections, stays the same
+    whatever happens to the other destinations."""
+    if any(b["name"] == name for b in backends):
+        return f"{at}: {name} is already a backend of this route (a backend is named by it)"
+    backends.append({"name": name, "address": address, "weight": weight})
+    return None
 
 
 def _listener_names(name: str, ports: list[int | None]) -> list[str]:
@@ -333,19 +331,13 @@ def _virtual_service(vs: _VirtualService, where: str, problems: list[str]) -> li
             "VirtualService becomes a listener of its own, on its port"
         )
         return []
-    routed = []
-    for (r, port), name in zip(
-        rules, _listener_names(vs.metadata.name, [p for _, p in rules]), strict=True
-    ):
-        route = vs.spec.tcp[r].route
-        refs = []
-        for d, item in enumerate(route):
-            dest = item.destination
+    backends: dict[int, list[dict[str, object]]] = {}
+    for r, rule in enumerate(vs.spec.tcp):
+        backends[r] = []
+        for d, item in enumerate(rule.route):
+            dest, at = item.destination, f"{where}: spec.tcp[{r}].route[{d}].destination"
             if dest.port is None:
-                problems.append(
-                    f"{where}: spec.tcp[{r}].route[{d}].destination.port: required: tcpproxy "
-                    "does not look up a Service's ports"
-                )
+                problems.append(f"{at}.port: required: tcpproxy does not look up Service ports")
                 continue
             host = dest.host
             if "." not in host:  # a short name is a Service in the document's namespace
@@ -354,9 +346,14 @@ def _virtual_service(vs: _VirtualService, where: str, problems: list[str]) -> li
                 address = f"{host}:{dest.port.number}"
             # A lone destination takes all traffic whatever its weight; several share by
             # weight, an unset one counting 0 (as the mesh reads it).
-            weight = 1 if len(route) == 1 else (item.weight or 0)
-            refs.append((host, address, dest.port.number, weight))
-        routed.append(_Routed(where, name, port, _named(refs)))
+            weight = 1 if len(rule.route) == 1 else (item.weight or 0)
+            if problem := _add_backend(backends[r], host, address, weight, f"{at}.host"):
+                problems.append(problem)
+    names = _listener_names(vs.metadata.name, [p for _, p in rules])
+    routed = [
+        _Routed(where, name, port, backends[r])
+        for (r, port), name in zip(rules, names, strict=True)
+    ]
     for listener in routed:
         listener.failed = len(problems) > before
     return routed
@@ -384,22 +381,23 @@ def _tcp_route(
     route: _TCPRoute, where: str, grants: list[_ReferenceGrant], problems: list[str]
 ) -> list[_Routed]:
     namespace, before = route.metadata.namespace, len(problems)
-    refs = []
+    backends: list[dict[str, object]] = []
     for k, ref in enumerate(route.spec.rules[0].backendRefs):
+        at = f"{where}: spec.rules[0].backendRefs[{k}]"
         ref_ns = ref.namespace or namespace
         if ref_ns != namespace and not _granted(grants, namespace, ref_ns, ref.name):
             problems.append(
-                f"{where}: spec.rules[0].backendRefs[{k}].namespace: a Service in namespace "
-                f"{ref_ns} needs a ReferenceGrant there that lets TCPRoutes of namespace "
-                f"{namespace} refer to it (in this file)"
+                f"{at}.namespace: a Service in namespace {ref_ns} needs a ReferenceGrant there "
+                f"that lets TCPRoutes of namespace {namespace} refer to it (in this file)"
             )
             continue
         name = ref.name if ref_ns == namespace else f"{ref.name}.{ref_ns}"
-        refs.append((name, _service_address(ref.name, ref_ns, ref.port), ref.port, ref.weight))
+        address = _service_address(ref.name, ref_ns, ref.port)
+        if problem := _add_backend(backends, name, address, ref.weight, f"{at}.name"):
+            problems.append(problem)
     # Without a port in parentRefs it lives on the Gateway: a native entry gives the bind.
     ports: list[int | None] = [*sorted({p.port for p in route.spec.parentRefs if p.port})]
     ports = ports or [None]
-    backends = _named(refs)
     return [
         _Routed(where, name, port, backends, failed=len(problems) > before)
         for name, port in zip(_listener_names(route.metadata.name, ports), ports, strict=True)

@@ -170,20 +170,6 @@ def test_each_port_of_a_virtual_service_is_a_listener_named_by_its_port() -> Non
     ]
 
 
-def test_the_same_service_on_two_ports_is_two_backends_named_by_port() -> None:
-    config = parsed(
-        virtual_service(
-            [
-                {
-                    "match": [{"port": 1}],
-                    "route": [destination("a", 9000, 1), destination("a", 9001, 1)],
-                }
-            ]
-        )
-    )
-    assert [name for name, _, _ in backends(config)] == ["a-9000", "a-9001"]
-
-
 def test_a_native_entry_adds_keys_to_a_routed_listener_and_may_sit_beside_it() -> None:
     text = virtual_service(
         [
@@ -255,7 +241,7 @@ hosts = st.sampled_from(["v1", "v2", "canary", "db.example.com", "10.0.0.7"])
         st.tuples(hosts, st.integers(1, 65535), st.integers(0, 1000)),
         min_size=1,
         max_size=5,
-        unique_by=lambda t: (t[0], t[1]),
+        unique_by=lambda t: t[0],
     ),
     port=st.integers(1, 65535),
     namespace=st.sampled_from(["default", "apps", "team-a"]),
@@ -322,6 +308,16 @@ def test_weights_map_one_to_one_and_convert_round_trips(
                 ]
             ),
             "VirtualService app: spec.tcp[1].match: a port is required",
+        ),
+        (
+            virtual_service(
+                [{"match": [{"port": 1}], "route": [destination("a", 1), destination("a", 2)]}]
+            ),
+            "VirtualService app: spec.tcp[0].route[1].destination.host: a is already a backend",
+        ),
+        (
+            tcp_route([{"name": "a", "port": 1}, {"name": "a", "port": 2}]),
+            "TCPRoute app: spec.rules[0].backendRefs[1].name: a is already a backend",
         ),
         (
             virtual_service([{"route": [destination("a")]}]),
