@@ -428,3 +428,16 @@ def test_a_cross_namespace_reference_needs_a_grant_for_that_route_namespace_and_
     assert backends(parsed(route + grant("apps", "a")))[0][0] == "a.other"
     assert len(problems(route + grant("elsewhere", None))) == 1
     assert len(problems(route + grant("apps", "b"))) == 1
+
+
+def test_the_readme_side_by_side_example_converts_as_it_says() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Coming from Istio / Gateway API", 1)[1].split("\n## ", 1)[0]
+    blocks = [part.split("```", 1)[0] for part in section.split("```yaml\n")[1:]]
+    istio, gateway, native, with_entry = blocks
+    for text in (istio, gateway):
+        assert native_yaml(parsed(text), SOURCE).split("\n", 1)[1] == native
+    (listener,) = parsed(with_entry).listeners
+    assert listener.bind == "0.0.0.0:8008"
+    assert listener.rollout is not None
+    assert (listener.rollout.from_, listener.rollout.to) == ("tcp-echo-v1", "tcp-echo-v2")
