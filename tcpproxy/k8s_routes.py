@@ -12,7 +12,7 @@ and field, never silently dropped.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -404,13 +404,29 @@ def _tcp_route(
     ]
 
 
-def _where(source: str, n: int, document: dict[Any, Any]) -> str:
+def _where(source: str, label: str, document: dict[Any, Any]) -> str:
     kind = document.get("kind")
     metadata = document.get("metadata")
     name = metadata.get("name") if isinstance(metadata, dict) else None
     if isinstance(kind, str) and isinstance(name, str):
         return f"{source}: {kind} {name}"
-    return f"{source}: document {n}"
+    return f"{source}: {label}"
+
+
+def _documents(documents: Iterable[Any]) -> Iterator[tuple[str, Any]]:
+    """Each document with its place ("document 2"); the items of a `kind: List` (what
+    `kubectl get ... -o yaml` prints for several objects) count as documents."""
+    for n, document in enumerate(documents, start=1):
+        items = document.get("items") if isinstance(document, dict) else None
+        if (
+            isinstance(items, list)
+            and document.get("kind") == "List"
+            and document.get("apiVersion") == "v1"
+        ):
+            for i, item in enumerate(items):
+                yield f"document {n}: items[{i}]", item
+        else:
+            yield f"document {n}", document
 
 
 def _check_kind(document: dict[Any, Any], where: str) -> str | None:
@@ -485,22 +501,22 @@ def route_config(documents: Iterable[Any], source: str) -> RouteConfig:
     """The native config of a file of route documents (and at most one native document);
     ConfigError with one line per problem."""
     problems: list[str] = []
-    native: tuple[int, dict[Any, Any]] | None = None
+    native: tuple[str, dict[Any, Any]] | None = None
     parsed: list[tuple[str, _Document]] = []
-    for n, document in enumerate(documents, start=1):
+    for label, document in _documents(documents):
         if document is None:
             continue  # `---` with nothing after it
         if not isinstance(document, dict):
-            problems.append(f"{source}: document {n}: expected a mapping")
+            problems.append(f"{source}: {label}: expected a mapping")
         elif not is_route_document(document):
             if native is not None:
                 problems.append(
-                    f"{source}: document {n}: only one document without apiVersion and kind "
-                    f"(native listeners) may go with route documents; document {native[0]} is one"
+                    f"{source}: {label}: only one document without apiVersion and kind "
+                    f"(native listeners) may go with route documents; {native[0]} is one"
                 )
             else:
-                native = (n, document)
-        elif problem := _check_kind(document, where := _where(source, n, document)):
+                native = (label, document)
+        elif problem := _check_kind(document, where := _where(source, label, document)):
             problems.append(problem)
         else:
             try:
@@ -521,16 +537,16 @@ def route_config(documents: Iterable[Any], source: str) -> RouteConfig:
     listeners: list[tuple[str, ListenerConfig | None]] = []
     native_only: list[tuple[tuple[str, int], object]] = []
     if native is not None:
-        n, document = native
+        label, document = native
         entries = document.get("listeners")
         if set(document) - {"listeners"} or not isinstance(entries, list):
             try:  # let the native model say what is wrong with it
                 RouteConfig.model_validate(document)
             except ValidationError as exc:
-                problems.extend(_format_validation_error(f"{source}: document {n}", exc))
+                problems.extend(_format_validation_error(f"{source}: {label}", exc))
             entries = []
         for j, entry in enumerate(entries):
-            at = (f"{source}: document {n}", j)
+            at = (f"{source}: {label}", j)
             name = entry.get("name") if isinstance(entry, dict) else None
             if isinstance(name, str) and name in by_name:
                 by_name[name].native, by_name[name].native_at = entry, at

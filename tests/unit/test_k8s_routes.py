@@ -11,7 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpproxy.config import ConfigError, RouteConfig, load_config, parse_config
+from tcpproxy.config import MAX_CONFIG_NODES, ConfigError, RouteConfig, load_config, parse_config
 from tcpproxy.k8s_routes import native_yaml
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "routes"
@@ -441,3 +441,21 @@ def test_the_readme_side_by_side_example_converts_as_it_says() -> None:
     assert listener.bind == "0.0.0.0:8008"
     assert listener.rollout is not None
     assert (listener.rollout.from_, listener.rollout.to) == ("tcp-echo-v1", "tcp-echo-v2")
+
+
+def test_a_kubectl_list_counts_its_items_as_documents() -> None:
+    route = yaml.safe_load(tcp_route([{"name": "a", "port": 1}]))
+    listing = yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [route, {"kind": 1}]})
+    assert problems(listing) == [
+        f"{SOURCE}: document 1: items[1]: apiVersion and kind are both required"
+    ]
+    listing = yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [route]})
+    assert backends(parsed(listing)) == [("a", "a.apps.svc.cluster.local:1", 1)]
+
+
+def test_the_node_limit_holds_for_all_documents_together() -> None:
+    third = MAX_CONFIG_NODES // 3 + 1
+    document = "kind: x\nspec: [" + ", ".join(["0"] * third) + "]\n"
+    (problem,) = problems("---\n".join([document] * 3))
+    assert problem == f"{SOURCE}: too large: more than {MAX_CONFIG_NODES:,} YAML nodes"
+    assert len(problems("---\n".join([document] * 2))) == 2  # under it: each kind is wrong
