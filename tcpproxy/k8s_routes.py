@@ -36,6 +36,7 @@ KINDS: dict[tuple[str, str], tuple[str, ...]] = {
     (ISTIO_GROUP, "VirtualService"): ("v1", "v1beta1", "v1alpha3"),
     (GATEWAY_GROUP, "TCPRoute"): ("v1", "v1alpha2"),
     (GATEWAY_GROUP, "ReferenceGrant"): ("v1", "v1beta1", "v1alpha2"),
+    (GATEWAY_GROUP, "Gateway"): ("v1", "v1beta1"),
 }
 # Gateway API kinds that route other protocols than plain TCP.
 _OTHER_ROUTES = {"HTTPRoute", "GRPCRoute", "TLSRoute", "UDPRoute"}
@@ -169,7 +170,7 @@ class _VirtualService(_Document):
     spec: _VirtualServiceSpec
 
 
-# -- Gateway API TCPRoute and ReferenceGrant -------------------------------------------------
+# -- Gateway API TCPRoute, ReferenceGrant and Gateway ---------------------------------------
 
 
 class _ParentRef(_Strict):
@@ -256,10 +257,34 @@ class _ReferenceGrant(_Document):
     spec: _ReferenceGrantSpec
 
 
+class _GatewayListener(BaseModel):
+    # Hostname, TLS and allowedRoutes do not change which port a TCPRoute is served on.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    port: Port
+    protocol: str
+
+
+class _GatewaySpec(BaseModel):
+    # Only the listeners' ports are read: the class, addresses and infrastructure are how a
+    # cluster provides the Gateway, and tcpproxy is the one providing it here.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    listeners: tuple[_GatewayListener, ...]
+
+
+class _Gateway(_Document):
+    """Read only for the ports of the TCPRoutes that name it."""
+
+    spec: _GatewaySpec
+
+
 _MODELS: dict[str, type[_Document]] = {
     "VirtualService": _VirtualService,
     "TCPRoute": _TCPRoute,
     "ReferenceGrant": _ReferenceGrant,
+    "Gateway": _Gateway,
 }
 
 
@@ -317,12 +342,13 @@ def _virtual_service(vs: _VirtualService, where: str, problems: list[str]) -> li
             continue
         for m, port in enumerate(ports):
             assert port is not None
-            if (first := seen.setdefault(port, r)) != r:
+            if port in seen:
                 problems.append(
                     f"{where}: spec.tcp[{r}].match[{m}].port: {port} is already routed by "
-                    f"spec.tcp[{first}]"
+                    f"spec.tcp[{seen[port]}]"
                 )
                 continue
+            seen[port] = r
             rules.append((r, port))
     if len(rules) > 1 and any(port is None for _, port in rules):
         r = next(r for r, port in rules if port is None)
@@ -377,8 +403,48 @@ def _granted(grants: list[_ReferenceGrant], from_ns: str, to_ns: str, service: s
     return False
 
 
+def _route_ports(
+    route: _TCPRoute, where: str, gateways: list[_Gateway], problems: list[str]
+) -> list[int | None]:
+    """The ports a TCPRoute is served on: each parentRef's `port`, or the TCP listeners of
+    the Gateway it names (the one `sectionName` names) when that Gateway is in the file.
+    [None] when neither says: a native entry must give the bind."""
+    ports: set[int] = set()
+    for i, ref in enumerate(route.spec.parentRefs):
+        if ref.port is not None:
+            ports.add(ref.port)
+            continue
+        namespace = ref.namespace or route.metadata.namespace
+        gateway = next(
+            (
+                g
+                for g in gateways
+                if (g.metadata.name, g.metadata.namespace) == (ref.name, namespace)
+            ),
+            None,
+        )
+        if gateway is None or ref.kind != "Gateway" or ref.group != GATEWAY_GROUP:
+            continue
+        found = [
+            lst.port
+            for lst in gateway.spec.listeners
+            if lst.protocol == "TCP" and ref.sectionName in (None, lst.name)
+        ]
+        if not found:
+            which = f"named {ref.sectionName}" if ref.sectionName else "at all"
+            problems.append(
+                f"{where}: spec.parentRefs[{i}]: Gateway {ref.name} has no TCP listener {which}"
+            )
+        ports.update(found)
+    return [*sorted(ports)] or [None]
+
+
 def _tcp_route(
-    route: _TCPRoute, where: str, grants: list[_ReferenceGrant], problems: list[str]
+    route: _TCPRoute,
+    where: str,
+    grants: list[_ReferenceGrant],
+    gateways: list[_Gateway],
+    problems: list[str],
 ) -> list[_Routed]:
     namespace, before = route.metadata.namespace, len(problems)
     backends: list[dict[str, object]] = []
@@ -395,9 +461,7 @@ def _tcp_route(
         address = _service_address(ref.name, ref_ns, ref.port)
         if problem := _add_backend(backends, name, address, ref.weight, f"{at}.name"):
             problems.append(problem)
-    # Without a port in parentRefs it lives on the Gateway: a native entry gives the bind.
-    ports: list[int | None] = [*sorted({p.port for p in route.spec.parentRefs if p.port})]
-    ports = ports or [None]
+    ports = _route_ports(route, where, gateways, problems)
     return [
         _Routed(where, name, port, backends, failed=len(problems) > before)
         for name, port in zip(_listener_names(route.metadata.name, ports), ports, strict=True)
@@ -524,12 +588,13 @@ def route_config(documents: Iterable[Any], source: str) -> RouteConfig:
             except ValidationError as exc:
                 problems.extend(_format_validation_error(where, exc))
     grants = [doc for _, doc in parsed if isinstance(doc, _ReferenceGrant)]
+    gateways = [doc for _, doc in parsed if isinstance(doc, _Gateway)]
     routed: list[_Routed] = []
     for where, doc in parsed:
         if isinstance(doc, _VirtualService):
             routed += _virtual_service(doc, where, problems)
         elif isinstance(doc, _TCPRoute):
-            routed += _tcp_route(doc, where, grants, problems)
+            routed += _tcp_route(doc, where, grants, gateways, problems)
 
     by_name: dict[str, _Routed] = {}
     for r in routed:

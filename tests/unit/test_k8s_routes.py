@@ -459,3 +459,38 @@ def test_the_node_limit_holds_for_all_documents_together() -> None:
     (problem,) = problems("---\n".join([document] * 3))
     assert problem == f"{SOURCE}: too large: more than {MAX_CONFIG_NODES:,} YAML nodes"
     assert len(problems("---\n".join([document] * 2))) == 2  # under it: each kind is wrong
+
+
+def gateway(*listeners: tuple[str, int, str], namespace: str = "apps") -> str:
+    return "---\n" + yaml.safe_dump(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "gw", "namespace": namespace},
+            "spec": {
+                "gatewayClassName": "any",
+                "listeners": [
+                    {"name": n, "port": p, "protocol": proto, "allowedRoutes": {}}
+                    for n, p, proto in listeners
+                ],
+            },
+        }
+    )
+
+
+def test_a_gateway_in_the_file_gives_its_tcp_listeners_ports_to_the_routes_naming_it() -> None:
+    route = tcp_route([{"name": "a", "port": 1}], parent_port=None)
+    tcp = ("tcp-echo", 8008, "TCP")
+    config = parsed(route + gateway(tcp, ("web", 80, "HTTP"), ("db", 5432, "TCP")))
+    assert [(lst.name, lst.bind) for lst in config.listeners] == [
+        ("app-5432", "0.0.0.0:5432"),
+        ("app-8008", "0.0.0.0:8008"),
+    ]
+    one = route.replace("- name: gw", "- name: gw\n    sectionName: tcp-echo")
+    assert [lst.bind for lst in parsed(one + gateway(tcp)).listeners] == ["0.0.0.0:8008"]
+    assert problems(one + gateway(("tcp-echo", 80, "HTTP"))) == [
+        f"{SOURCE}: TCPRoute app: spec.parentRefs[0]: Gateway gw has no TCP listener named tcp-echo"
+    ]
+    # A Gateway of another namespace is another Gateway: no port from it.
+    (problem,) = problems(route + gateway(tcp, namespace="infra"))
+    assert problem.startswith(f"{SOURCE}: TCPRoute app: no port to listen on")
