@@ -3,10 +3,11 @@
 A config file may hold, instead of the native `listeners` mapping, the route documents a
 mesh user already has (multi-document YAML, told apart by `apiVersion` and `kind`): each
 becomes native listeners, so reloads, drains and pinning are the same whatever the format.
-One document without `apiVersion` may go with them: its `listeners` entries either are
-native listeners or, named like a route's listener, add keys to it (the bind a TCPRoute
-lacks, timeouts, a rollout). What has no native equivalent is an error naming the document
-and field, never silently dropped.
+ReferenceGrants allow a TCPRoute's references to other namespaces, and a Gateway gives the
+TCPRoutes that name it their ports. One document without `apiVersion` may go with them: its
+`listeners` entries either are native listeners or, named like a route's listener, add keys
+to it (the bind a TCPRoute lacks, timeouts, a rollout). What has no native equivalent is an
+error naming the document and field, never silently dropped.
 """
 
 from __future__ import annotations
