@@ -41,8 +41,6 @@ KINDS: dict[tuple[str, str], tuple[str, ...]] = {
 }
 # Gateway API kinds that route other protocols than plain TCP.
 _OTHER_ROUTES = {"HTTPRoute", "GRPCRoute", "TLSRoute", "UDPRoute"}
-# Where a namespace-less document lands with kubectl's default context.
-DEFAULT_NAMESPACE = "default"
 CLUSTER_DOMAIN = "svc.cluster.local"
 # A route's port becomes a listener on every address, as the mesh's gateway listens.
 BIND_HOST = "0.0.0.0"
@@ -59,7 +57,10 @@ class _Metadata(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     name: Name
-    namespace: Name = DEFAULT_NAMESPACE
+    # Unset: the namespace the document would be applied to, unknown here. Its Services
+    # are then named by their short names, which a pod's resolver completes with its own
+    # namespace: the one the ConfigMap holding this file, and so likely the document, is in.
+    namespace: Name | None = None
 
 
 class _Document(_Strict):
@@ -310,7 +311,9 @@ def is_route_document(document: object) -> bool:
     return isinstance(document, dict) and ("apiVersion" in document or "kind" in document)
 
 
-def _service_address(name: str, namespace: str, port: int) -> str:
+def _service_address(name: str, namespace: str | None, port: int) -> str:
+    if namespace is None:
+        return f"{name}:{port}"
     return f"{name}.{namespace}.{CLUSTER_DOMAIN}:{port}"
 
 
@@ -452,12 +455,20 @@ def _tcp_route(
     for k, ref in enumerate(route.spec.rules[0].backendRefs):
         at = f"{where}: spec.rules[0].backendRefs[{k}]"
         ref_ns = ref.namespace or namespace
-        if ref_ns != namespace and not _granted(grants, namespace, ref_ns, ref.name):
-            problems.append(
-                f"{at}.namespace: a Service in namespace {ref_ns} needs a ReferenceGrant there "
-                f"that lets TCPRoutes of namespace {namespace} refer to it (in this file)"
-            )
-            continue
+        if ref_ns is not None and ref_ns != namespace:
+            if namespace is None:
+                problems.append(
+                    f"{at}.namespace: {ref_ns}, from a TCPRoute without a namespace: set its "
+                    "metadata.namespace (and add a ReferenceGrant if they differ)"
+                )
+                continue
+            if not _granted(grants, namespace, ref_ns, ref.name):
+                problems.append(
+                    f"{at}.namespace: a Service in namespace {ref_ns} needs a ReferenceGrant "
+                    f"there that lets TCPRoutes of namespace {namespace} refer to it (in this "
+                    "file)"
+                )
+                continue
         name = ref.name if ref_ns == namespace else f"{ref.name}.{ref_ns}"
         address = _service_address(ref.name, ref_ns, ref.port)
         if problem := _add_backend(backends, name, address, ref.weight, f"{at}.name"):

@@ -120,6 +120,8 @@ def test_tcproute_two_backend_refs_across_a_granted_namespace() -> None:
 
 
 def test_short_hosts_are_services_of_the_documents_namespace_and_dotted_hosts_stay() -> None:
+    # Without a namespace a short name stays short: the resolver completes it (in a pod,
+    # with the pod's own namespace).
     config = parsed(
         virtual_service(
             [
@@ -138,7 +140,9 @@ def test_short_hosts_are_services_of_the_documents_namespace_and_dotted_hosts_st
     no_namespace = parsed(
         virtual_service([{"match": [{"port": 7000}], "route": [destination("a")]}])
     )
-    assert backends(no_namespace) == [("a", "a.default.svc.cluster.local:9000", 1)]
+    assert backends(no_namespace) == [("a", "a:9000", 1)]
+    route = parsed(tcp_route([{"name": "a", "port": 1}], namespace=None))
+    assert backends(route) == [("a", "a:1", 1)]
 
 
 def test_a_lone_destination_takes_everything_and_an_unset_weight_among_several_is_0() -> None:
@@ -222,9 +226,7 @@ def test_convert_output_keeps_only_what_differs_from_defaults() -> None:
             {
                 "name": "app",
                 "bind": "0.0.0.0:7000",
-                "backends": [
-                    {"name": "a", "address": "a.default.svc.cluster.local:9000", "weight": 1}
-                ],
+                "backends": [{"name": "a", "address": "a:9000", "weight": 1}],
                 "drain_timeout": 90,
                 "ejection": None,
             }
@@ -384,6 +386,10 @@ def test_tcproute_weights_map_one_to_one_and_convert_round_trips(
         (
             tcp_route([{"name": "a", "port": 1, "namespace": "other"}]),
             "TCPRoute app: spec.rules[0].backendRefs[0].namespace: a Service in namespace other",
+        ),
+        (
+            tcp_route([{"name": "a", "port": 1, "namespace": "apps"}], namespace=None),
+            "TCPRoute app: spec.rules[0].backendRefs[0].namespace: apps, from a TCPRoute without",
         ),
         (
             tcp_route([{"name": "a", "port": 1, "kind": "Pod"}]),
