@@ -6,16 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.e2e.processes import REPO, START_S, TCPPROXY, Process, http
+from tests.e2e.processes import REPO, START_S, TCPPROXY, Process, echo_processes, http
 from tests.harness import Client, free_port, greetings, wait_until
 
 FIXTURES = Path("tests") / "fixtures" / "routes"
@@ -47,27 +45,10 @@ def test_check_and_convert_reject_subsets_one_line_each() -> None:
         ]
 
 
-def accepts(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture
 def versions() -> Iterator[dict[str, str]]:
     """`tcpproxy echo` v1 on 127.0.0.2 and v2 on 127.0.0.3: hosts a VirtualService names."""
-    procs, addresses = [], {}
-    for name, host in (("v1", "127.0.0.2"), ("v2", "127.0.0.3")):
-        port = free_port()
-        procs.append(Process("echo", "--listen", f"{host}:{port}", "--name", name))
-        addresses[name] = f"{host}:{port}"
-        wait_until(partial(accepts, host, port), timeout=START_S, what=f"echo {name} up")
-    yield addresses
-    for p in procs:
-        p.signal(signal.SIGTERM)
-        assert p.wait()[0] == 0
+    yield from echo_processes({"v1": "127.0.0.2", "v2": "127.0.0.3"})
 
 
 def virtual_service(port: int, versions: dict[str, str], w1: int, w2: int) -> str:
