@@ -360,7 +360,7 @@ def _virtual_service(vs: _VirtualService, where: str, problems: list[str]) -> li
             f"{where}: spec.tcp[{r}].match: a port is required: each tcp route of this "
             "VirtualService becomes a listener of its own, on its port"
         )
-        return []
+        return [_Routed(where, vs.metadata.name, None, [], failed=True)]
     backends: dict[int, list[dict[str, object]]] = {}
     for r, rule in enumerate(vs.spec.tcp):
         backends[r] = []
@@ -573,10 +573,10 @@ def _label(where: str, source: str) -> str:
     return where.removeprefix(f"{source}: ").rstrip(":. ")
 
 
-def route_config(documents: Iterable[Any], source: str) -> RouteConfig:
-    """The native config of a file of route documents (and at most one native document);
-    ConfigError with one line per problem."""
-    problems: list[str] = []
+def _read(
+    documents: Iterable[Any], source: str, problems: list[str]
+) -> tuple[list[tuple[str, _Document]], tuple[str, dict[Any, Any]] | None]:
+    """The route documents, validated, each with its place; and the native document."""
     native: tuple[str, dict[Any, Any]] | None = None
     parsed: list[tuple[str, _Document]] = []
     for label, document in _documents(documents):
@@ -599,43 +599,40 @@ def route_config(documents: Iterable[Any], source: str) -> RouteConfig:
                 parsed.append((where, _MODELS[document["kind"]].model_validate(document)))
             except ValidationError as exc:
                 problems.extend(_format_validation_error(where, exc))
-    grants = [doc for _, doc in parsed if isinstance(doc, _ReferenceGrant)]
-    gateways = [doc for _, doc in parsed if isinstance(doc, _Gateway)]
-    routed: list[_Routed] = []
-    for where, doc in parsed:
-        if isinstance(doc, _VirtualService):
-            routed += _virtual_service(doc, where, problems)
-        elif isinstance(doc, _TCPRoute):
-            routed += _tcp_route(doc, where, grants, gateways, problems)
+    return parsed, native
 
+
+def _native_entries(
+    native: tuple[str, dict[Any, Any]], source: str, routed: list[_Routed], problems: list[str]
+) -> list[tuple[tuple[str, int], object]]:
+    """Give each routed listener its native entry; the entries that are listeners of their
+    own, each with its place."""
+    label, document = native
+    entries = document.get("listeners")
+    if set(document) - {"listeners"} or not isinstance(entries, list):
+        try:  # let the native model say what is wrong with it
+            RouteConfig.model_validate(document)
+        except ValidationError as exc:
+            problems.extend(_format_validation_error(f"{source}: {label}", exc))
+        return []
     by_name: dict[str, _Routed] = {}
     for r in routed:
-        by_name.setdefault(r.name, r)  # a name used twice is reported below
-    listeners: list[tuple[str, ListenerConfig | None]] = []
-    native_only: list[tuple[tuple[str, int], object]] = []
-    if native is not None:
-        label, document = native
-        entries = document.get("listeners")
-        if set(document) - {"listeners"} or not isinstance(entries, list):
-            try:  # let the native model say what is wrong with it
-                RouteConfig.model_validate(document)
-            except ValidationError as exc:
-                problems.extend(_format_validation_error(f"{source}: {label}", exc))
-            entries = []
-        for j, entry in enumerate(entries):
-            at = (f"{source}: {label}", j)
-            name = entry.get("name") if isinstance(entry, dict) else None
-            if isinstance(name, str) and name in by_name:
-                by_name[name].native, by_name[name].native_at = entry, at
-            else:
-                native_only.append((at, entry))
-    for r in routed:
-        listeners.append((f"{r.where}: ", _merged(r, source, problems)))
-    for at, entry in native_only:
-        listeners.append((f"{at[0]}: listeners[{at[1]}].", _native_listener(entry, at, problems)))
-    if not problems and not listeners:
-        problems.append(f"{source}: no VirtualService or TCPRoute: nothing to listen on")
+        by_name.setdefault(r.name, r)  # a name used twice is reported with the rest
+    own = []
+    for j, entry in enumerate(entries):
+        at = (f"{source}: {label}", j)
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name in by_name:
+            by_name[name].native, by_name[name].native_at = entry, at
+        else:
+            own.append((at, entry))
+    return own
 
+
+def _unique(
+    listeners: list[tuple[str, ListenerConfig | None]], source: str, problems: list[str]
+) -> None:
+    """Names and binds used twice, each reported at the later use, naming the first."""
     binds: dict[tuple[str, int], int] = {}
     names: dict[str, int] = {}
     for i, (where, listener) in enumerate(listeners):
@@ -656,6 +653,33 @@ def route_config(documents: Iterable[Any], source: str) -> RouteConfig:
             if backend.name in seen:
                 problems.append(f"{where}backends: {backend.name!r} appears twice")
             seen.add(backend.name)
+
+
+def route_config(documents: Iterable[Any], source: str) -> RouteConfig:
+    """The native config of a file of route documents (and at most one native document);
+    ConfigError with one line per problem."""
+    problems: list[str] = []
+    parsed, native = _read(documents, source, problems)
+    grants = [doc for _, doc in parsed if isinstance(doc, _ReferenceGrant)]
+    gateways = [doc for _, doc in parsed if isinstance(doc, _Gateway)]
+    routed: list[_Routed] = []
+    for where, doc in parsed:
+        if isinstance(doc, _VirtualService):
+            routed += _virtual_service(doc, where, problems)
+        elif isinstance(doc, _TCPRoute):
+            routed += _tcp_route(doc, where, grants, gateways, problems)
+    own = [] if native is None else _native_entries(native, source, routed, problems)
+    # (where a problem with a key of it is reported, from "FILE: ..."; the listener)
+    listeners: list[tuple[str, ListenerConfig | None]] = [
+        (f"{r.where}: ", _merged(r, source, problems)) for r in routed
+    ]
+    listeners += [
+        (f"{at[0]}: listeners[{at[1]}].", _native_listener(entry, at, problems))
+        for at, entry in own
+    ]
+    if not problems and not listeners:
+        problems.append(f"{source}: no VirtualService or TCPRoute: nothing to listen on")
+    _unique(listeners, source, problems)
     if problems:
         raise ConfigError(_capped(problems, source))
     return RouteConfig(listeners=tuple(lst for _, lst in listeners if lst is not None))
