@@ -300,7 +300,7 @@ class _Routed:
     where: str  # "FILE: VirtualService tcp-echo", for messages
     name: str
     port: int | None
-    backends: list[dict[str, object]]
+    backends: dict[str, dict[str, object]]  # by name, in the route's order
     native: dict[str, object] = field(default_factory=dict)  # the native entry's keys
     native_at: tuple[str, int] = ("", 0)  # ("FILE: document 2", its index in listeners)
     failed: bool = False  # the route has problems of its own: no more about this listener
@@ -318,14 +318,14 @@ def _service_address(name: str, namespace: str | None, port: int) -> str:
 
 
 def _add_backend(
-    backends: list[dict[str, object]], name: str, address: str, weight: int, at: str
+    backends: dict[str, dict[str, object]], name: str, address: str, weight: int, at: str
 ) -> str | None:
     """Append a native backend; the problem if its name is taken. A backend is named by the
     Service (or host) alone, so that its name, and with it its connections, stays the same
     whatever happens to the other destinations."""
-    if any(b["name"] == name for b in backends):
+    if name in backends:
         return f"{at}: {name} is already a backend of this route (a backend is named by it)"
-    backends.append({"name": name, "address": address, "weight": weight})
+    backends[name] = {"name": name, "address": address, "weight": weight}
     return None
 
 
@@ -360,10 +360,10 @@ def _virtual_service(vs: _VirtualService, where: str, problems: list[str]) -> li
             f"{where}: spec.tcp[{r}].match: a port is required: each tcp route of this "
             "VirtualService becomes a listener of its own, on its port"
         )
-        return [_Routed(where, vs.metadata.name, None, [], failed=True)]
-    backends: dict[int, list[dict[str, object]]] = {}
+        return [_Routed(where, vs.metadata.name, None, {}, failed=True)]
+    backends: dict[int, dict[str, dict[str, object]]] = {}
     for r, rule in enumerate(vs.spec.tcp):
-        backends[r] = []
+        backends[r] = {}
         for d, item in enumerate(rule.route):
             dest, at = item.destination, f"{where}: spec.tcp[{r}].route[{d}].destination"
             if dest.port is None:
@@ -451,7 +451,7 @@ def _tcp_route(
     problems: list[str],
 ) -> list[_Routed]:
     namespace, before = route.metadata.namespace, len(problems)
-    backends: list[dict[str, object]] = []
+    backends: dict[str, dict[str, object]] = {}
     for k, ref in enumerate(route.spec.rules[0].backendRefs):
         at = f"{where}: spec.rules[0].backendRefs[{k}]"
         ref_ns = ref.namespace or namespace
@@ -551,7 +551,7 @@ def _merged(routed: _Routed, source: str, problems: list[str]) -> ListenerConfig
             f'bind in a listeners entry named {routed.name} (bind: "0.0.0.0:8008")'
         )
         return None
-    merged: dict[str, object] = {"name": routed.name, "backends": routed.backends}
+    merged: dict[str, object] = {"name": routed.name, "backends": [*routed.backends.values()]}
     if routed.port is not None:
         merged["bind"] = f"{BIND_HOST}:{routed.port}"
     merged.update(entry)
