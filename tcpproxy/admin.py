@@ -518,7 +518,8 @@ async def _rollout(request: web.Request) -> web.Response:
         return web.json_response({"error": f"no rollout on listener {name!r}"}, status=404)
     done = listener.control_rollout(action, _who(request), _peer(request))
     rollout = listener.rollout.as_dict(time.time())
-    body = {"done": done, "rollout": rollout}
+    # This replica only: a decision for every replica goes into the config file.
+    body = {"done": done, "scope": "this replica", "rollout": rollout}
     return web.json_response(body, status=200 if done else 409)
 
 

@@ -7,6 +7,7 @@ import asyncio
 import select
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -117,10 +118,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_size_flag(convert)
     demo = sub.add_parser("demo", help="two echo backends v1/v2 and the proxy on :8008")
     _add_process_flags(demo)
-    rollout = sub.add_parser("rollout", help="show or steer a running rollout (via admin)")
-    rollout.add_argument("action", choices=["status", "pause", "resume", "abort"])
+    rollout = sub.add_parser(
+        "rollout",
+        help="show or steer a rollout: in the config file (every replica), or on one proxy "
+        "through its admin API",
+    )
+    rollout.add_argument("action", choices=["status", "start", "pause", "resume", "abort"])
     rollout.add_argument("--listener", help="the listener (default: every one with a rollout)")
-    rollout.add_argument("--admin", help="admin HOST:PORT of the proxy [TCPPROXY_ADMIN]")
+    rollout.add_argument(
+        "--config",
+        dest="rollout_config",
+        type=Path,
+        metavar="FILE",
+        help="record start (step 1 now), pause, resume or abort in this route config file "
+        "(in place, comments kept), for every replica that reads it; with status, the "
+        "schedule it gives now",
+    )
+    rollout.add_argument("--reason", help="abort: why, kept in the file (abort_reason)")
+    rollout.add_argument(
+        "--configmap",
+        default="tcpproxy-routes",
+        help="the ConfigMap in the printed kubectl patch (default tcpproxy-routes)",
+    )
+    rollout.add_argument(
+        "--configmap-key", help="its key holding the file (default: the file's name)"
+    )
+    rollout.add_argument("--namespace", help="its namespace in the printed kubectl patch")
+    rollout.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="status: every replica's step, state and share, and the fleet's measured "
+        "share, from this Prometheus",
+    )
+    rollout.add_argument(
+        "--window", default="5m", help="status --prometheus: measure shares over this (5m)"
+    )
+    rollout.add_argument(
+        "--admin",
+        help="admin HOST:PORT of one proxy: status, or pause/resume/abort on that replica "
+        "only [TCPPROXY_ADMIN]",
+    )
     _add_token_flag(rollout)
     echo = sub.add_parser("echo", help="the demo backend: greets with its name, echoes lines")
     echo.add_argument("--listen", required=True, help="HOST:PORT to listen on")
@@ -179,6 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ConfigError as exc:
                 print("\n".join(exc.problems), file=sys.stderr)
                 return 1
+            from tcpproxy.rollout import schedule_problems  # noqa: PLC0415
+
+            if problems := schedule_problems(loaded.config, str(settings.config), time.time()):
+                print("\n".join(problems), file=sys.stderr)
+                return 1
             count = sum(len(lst.backends) for lst in loaded.config.listeners)
             print(
                 f"{settings.config}: ok ({len(loaded.config.listeners)} listeners, "
@@ -196,10 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(native_yaml(loaded.config, str(args.file)), end="")
             return 0
         if args.command == "rollout":
-            from tcpproxy.rollout_cli import rollout_command  # noqa: PLC0415
+            from tcpproxy import rollout_cli  # noqa: PLC0415
 
+            if args.rollout_config or args.prometheus or args.action == "start":
+                return rollout_cli.fleet_command(args)
             settings = _settings(args)
-            return rollout_command(
+            return rollout_cli.rollout_command(
                 settings.admin, args.action, args.listener, admin_token(settings)
             )
         if args.command == "echo":

@@ -108,6 +108,16 @@ _ROLLOUT_SHARE = (
     "The new backend's share of new connections under the rollout.",
 )
 _ROLLOUT_STATE = (PREFIX + "rollout_state", "gauge", "1 for the rollout's current state.")
+_ROLLOUT_ABORTED = (
+    PREFIX + "rollout_aborted",
+    "gauge",
+    "1 once this replica has aborted the rollout named by `rollout` (its identity).",
+)
+_ROLLOUT_INFO = (
+    PREFIX + "rollout_info",
+    "gauge",
+    "The rollout in force: its identity, backends and steps (always 1).",
+)
 
 
 class BackendRow(NamedTuple):
@@ -140,6 +150,9 @@ class RolloutRow(NamedTuple):
     backend: str
     share: float
     state: str
+    identity: str
+    from_: str
+    steps: str  # "5,25,50,100"
 
 
 # One Backend's figures (or the counts carried for its name): listener, name, total, active,
@@ -346,6 +359,9 @@ def _rollout_rows(rollouts: Iterable[tuple[str, Rollout]]) -> tuple[RolloutRow, 
             rollout.config.to,
             rollout.applied_share,
             rollout.state,
+            rollout.identity,
+            rollout.config.from_,
+            ",".join(map(str, rollout.config.steps)),
         )
         for listener, rollout in rollouts
     )
@@ -389,13 +405,17 @@ def _families(snapshot: Snapshot) -> Iterator[Metric]:
     step = _gauge(_ROLLOUT_STEP, ["listener"])
     share = _gauge(_ROLLOUT_SHARE, ["listener", "backend"])
     state = _gauge(_ROLLOUT_STATE, ["listener", "state"])
+    aborted = _gauge(_ROLLOUT_ABORTED, ["listener", "rollout"])
+    info = _gauge(_ROLLOUT_INFO, ["listener", "rollout", "from", "to", "steps"])
     for ro in snapshot.rollouts:
         step.add_metric([ro.listener], ro.step)
         share.add_metric([ro.listener, ro.backend], ro.share)
         for name in ROLLOUT_STATES:
             state.add_metric([ro.listener, name], 1 if ro.state == name else 0)
+        aborted.add_metric([ro.listener, ro.identity], 1 if ro.state == "aborted" else 0)
+        info.add_metric([ro.listener, ro.identity, ro.from_, ro.backend, ro.steps], 1)
     yield from (total, active, traffic, failures, closed, drained, weight, draining, up)
-    yield from (duration, step, share, state)
+    yield from (duration, step, share, state, aborted, info)
 
 
 class _SnapshotCollector(Collector):
@@ -523,6 +543,17 @@ def _render(snapshot: Snapshot, registry: CollectorRegistry) -> bytes:
         for state in ROLLOUT_STATES:
             lab = f'listener="{_escape(ro.listener)}",state="{state}"'
             put(f"{_ROLLOUT_STATE[0]}{{{lab}}} {1 if ro.state == state else 0}\n")
+    _header(out, _ROLLOUT_ABORTED)
+    for ro in snapshot.rollouts:
+        lab = f'listener="{_escape(ro.listener)}",rollout="{ro.identity}"'
+        put(f"{_ROLLOUT_ABORTED[0]}{{{lab}}} {1 if ro.state == 'aborted' else 0}\n")
+    _header(out, _ROLLOUT_INFO)
+    for ro in snapshot.rollouts:
+        lab = (
+            f'listener="{_escape(ro.listener)}",rollout="{ro.identity}",'
+            f'from="{_escape(ro.from_)}",to="{_escape(ro.backend)}",steps="{ro.steps}"'
+        )
+        put(f"{_ROLLOUT_INFO[0]}{{{lab}}} 1\n")
     # Joined and encoded in slices: one join of the whole text would hold the interpreter
     # lock, and so the event loop, for as long as it takes to copy it.
     step = 4096
@@ -575,6 +606,18 @@ class Metrics:
             "Unix time of the last successful reload.",
             registry=None,
         )
+        self.rollout_prometheus_up = Gauge(
+            PREFIX + "rollout_prometheus_up",
+            "1 while the rollout's Prometheus judge answers, 0 during an outage.",
+            ["listener"],
+            registry=None,
+        )
+        self.rollout_prometheus_errors = Counter(
+            PREFIX + "rollout_prometheus_errors",
+            "Queries to the rollout's Prometheus judge that failed or timed out.",
+            ["listener"],
+            registry=None,
+        )
         build = Gauge(PREFIX + "build_info", "Build information.", ["version"], registry=None)
         build.labels(__version__).set(1)
         for metric in (
@@ -582,6 +625,8 @@ class Metrics:
             self.reloads,
             self.last_reload_successful,
             self.last_reload_success_timestamp,
+            self.rollout_prometheus_up,
+            self.rollout_prometheus_errors,
             build,
         ):
             self.registry.register(metric)

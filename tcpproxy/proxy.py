@@ -22,7 +22,7 @@ from tcpproxy.config import (
 from tcpproxy.config_worker import ConfigParser
 from tcpproxy.listener import Listener, Server
 from tcpproxy.metrics import DEFAULT_LINGER_S, Metrics
-from tcpproxy.rollout import Rollout
+from tcpproxy.rollout import Rollout, schedule_problems
 from tcpproxy.table import ListenerPlan, Plan, Table, diff
 
 log = logging.getLogger("tcpproxy")
@@ -208,6 +208,9 @@ class Proxy:
                 )
 
     async def _apply(self, loaded: LoadedConfig) -> Plan:
+        running = {lst.name: lst.rollout.identity for lst in self.listeners.values() if lst.rollout}
+        if problems := schedule_problems(loaded.config, loaded.source, time.time(), running):
+            raise ConfigError(problems)
         new_table = Table.from_config(loaded.config)
         draining = frozenset(key for lst in self.all_listeners() for key in lst.draining)
         plan = diff(self.table, new_table, draining)
