@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from tcpproxy.config import (
     ConfigError,
@@ -46,6 +54,15 @@ CLUSTER_DOMAIN = "svc.cluster.local"
 BIND_HOST = "0.0.0.0"
 
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+
+
+def _non_empty(what: str) -> AfterValidator:
+    def check(items: tuple[object, ...]) -> tuple[object, ...]:
+        if not items:
+            raise ValueError(f"at least one {what} is required")
+        return items
+
+    return AfterValidator(check)
 
 
 class _Strict(BaseModel):
@@ -123,14 +140,7 @@ class _L4Match(_Strict):
 
 class _TCPRule(_Strict):
     match: tuple[_L4Match, ...] = ()
-    route: tuple[_RouteDestination, ...]
-
-    @field_validator("route")
-    @classmethod
-    def _some(cls, route: tuple[_RouteDestination, ...]) -> tuple[_RouteDestination, ...]:
-        if not route:
-            raise ValueError("at least one destination is required")
-        return route
+    route: Annotated[tuple[_RouteDestination, ...], _non_empty("destination")]
 
 
 class _VirtualServiceSpec(_Strict):
@@ -138,7 +148,7 @@ class _VirtualServiceSpec(_Strict):
     hosts: tuple[str, ...] = ()
     gateways: tuple[str, ...] = ()
     exportTo: tuple[str, ...] = ()
-    tcp: tuple[_TCPRule, ...] = ()
+    tcp: Annotated[tuple[_TCPRule, ...], _non_empty("tcp route")]
     http: object = None
     tls: object = None
 
@@ -159,13 +169,6 @@ class _VirtualServiceSpec(_Strict):
                 "cannot be mapped: TLS routes match the server name (SNI), which tcpproxy "
                 "does not read; route the port with tcp:"
             )
-
-    @field_validator("tcp")
-    @classmethod
-    def _some(cls, tcp: tuple[_TCPRule, ...]) -> tuple[_TCPRule, ...]:
-        if not tcp:
-            raise ValueError("at least one tcp route is required")
-        return tcp
 
 
 class _VirtualService(_Document):
@@ -209,14 +212,7 @@ class _BackendRef(_Strict):
 
 class _TCPRouteRule(_Strict):
     name: str | None = None
-    backendRefs: tuple[_BackendRef, ...]
-
-    @field_validator("backendRefs")
-    @classmethod
-    def _some(cls, refs: tuple[_BackendRef, ...]) -> tuple[_BackendRef, ...]:
-        if not refs:
-            raise ValueError("at least one backendRef is required")
-        return refs
+    backendRefs: Annotated[tuple[_BackendRef, ...], _non_empty("backendRef")]
 
 
 class _TCPRouteSpec(_Strict):

@@ -374,8 +374,18 @@ def test_tcproute_weights_map_one_to_one_and_convert_round_trips(
             "VirtualService app: no port to listen on",
         ),
         (
-            virtual_service([]).replace("tcp: []", "http: [{route: [{destination: {host: a}}]}]"),
+            virtual_service([{"match": [{"port": 1}], "route": [destination("a")]}]).replace(
+                "tcp:", "http: [{route: [{destination: {host: a}}]}]\n  tcp:"
+            ),
             "VirtualService app: spec.http: cannot be mapped",
+        ),
+        (
+            virtual_service([]).replace("  tcp: []\n", ""),
+            "VirtualService app: spec.tcp: required field is missing",
+        ),
+        (
+            virtual_service([]),
+            "VirtualService app: spec.tcp: at least one tcp route is required",
         ),
         (
             virtual_service([{"match": [{"port": 1}], "route": [destination("a")]}]).replace(
