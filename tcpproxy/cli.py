@@ -1,4 +1,4 @@
-"""Command line: run, check, demo, echo."""
+"""Command line: run, check, convert, demo, rollout, echo."""
 
 from __future__ import annotations
 
@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file (exit 0 valid, 1 invalid)")
     check.add_argument("--config", type=Path, help="route config YAML [TCPPROXY_CONFIG]")
     _add_config_size_flag(check)
+    convert = sub.add_parser(
+        "convert",
+        help="print a file of Istio VirtualService / Gateway API TCPRoute documents as "
+        "native route config",
+    )
+    convert.add_argument("file", type=Path, help="the route documents (YAML)")
+    _add_config_size_flag(convert)
     demo = sub.add_parser("demo", help="two echo backends v1/v2 and the proxy on :8008")
     _add_process_flags(demo)
     rollout = sub.add_parser(
@@ -234,6 +241,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{settings.config}: ok ({plural(len(loaded.config.listeners), 'listener')}, "
                 f"{plural(count, 'backend')}, sha256 {loaded.sha256[:12]})"
             )
+            return 0
+        if args.command == "convert":
+            from tcpproxy.k8s_routes import native_yaml  # noqa: PLC0415
+
+            try:
+                loaded = asyncio.run(load_isolated(args.file, _settings(args).max_config_size))
+            except ConfigError as exc:
+                print("\n".join(exc.problems), file=sys.stderr)
+                return 1
+            print(native_yaml(loaded.config, str(args.file)), end="")
             return 0
         if args.command == "rollout":
             from tcpproxy import rollout_cli  # noqa: PLC0415

@@ -392,7 +392,10 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _format_validation_error(source: str, error: ValidationError) -> list[str]:
+def _format_validation_error(
+    source: str, error: ValidationError, at: tuple[int | str, ...] = ()
+) -> list[str]:
+    """One line per error; `at` is the path of the validated part within the file."""
     problems = []
     for item in error.errors(include_url=False):
         # Pydantic prefixes messages raised in validators with "Value error, ".
@@ -401,7 +404,7 @@ def _format_validation_error(source: str, error: ValidationError) -> list[str]:
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required field is missing"
-        where = _location(tuple(item["loc"]))
+        where = _location((*at, *item["loc"]))
         problems.append(f"{source}: {where}: {message}" if where else f"{source}: {message}")
     return problems
 
@@ -434,7 +437,6 @@ class _BoundedLoader(_BASE_LOADER):  # type: ignore[misc]
     # PyYAML's composer, in Python (libyaml's is in C, where nothing can count).
     check_node = Composer.check_node
     get_node = Composer.get_node
-    get_single_node = Composer.get_single_node
     compose_document = Composer.compose_document
     compose_scalar_node = Composer.compose_scalar_node
     compose_sequence_node = Composer.compose_sequence_node
@@ -479,11 +481,14 @@ class _BoundedLoader(_BASE_LOADER):  # type: ignore[misc]
         return node
 
 
-def _load_yaml(data: bytes, source: str) -> Any:
+def _load_yaml(data: bytes, source: str) -> list[Any]:
+    """Every document of the stream; the node limit holds for all of them together."""
     loader = _BoundedLoader(data, source)
     try:
-        node = loader.get_single_node()
-        return None if node is None else loader.construct_document(node)
+        documents = []
+        while loader.check_node():
+            documents.append(loader.construct_document(loader.get_node()))
+        return documents
     finally:
         loader.dispose()
 
@@ -499,7 +504,7 @@ def parse_config(data: bytes, source: str) -> LoadedConfig:
     """Validate the bytes of a config file; raise ConfigError with one line per problem (at
     most MAX_PROBLEMS, then one line counting the rest)."""
     try:
-        document: Any = _load_yaml(data, source)
+        documents = _load_yaml(data, source)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -517,10 +522,23 @@ def parse_config(data: bytes, source: str) -> LoadedConfig:
         if "integer string conversion" in reason:
             reason = f"an integer of more than {sys.get_int_max_str_digits()} digits"
         raise ConfigError([f"{source}: invalid YAML value: {reason}"]) from None
-    if document is None:
+    present = [document for document in documents if document is not None]
+    if not present:
         raise ConfigError([f"{source}: file is empty"])
+    # Imported here: k8s_routes builds on this module's models.
+    from tcpproxy.k8s_routes import is_route_document, route_config  # noqa: PLC0415
+
+    if len(present) > 1 or is_route_document(present[0]):
+        config = route_config(documents, source)
+        return LoadedConfig(config, hashlib.sha256(data).hexdigest(), source)
+    document = present[0]
     if not isinstance(document, dict):
-        raise ConfigError([f"{source}: expected a mapping with a 'listeners' key at the top"])
+        raise ConfigError(
+            [
+                f"{source}: expected a mapping with a 'listeners' key at the top, or "
+                "VirtualService / TCPRoute documents"
+            ]
+        )
     try:
         config = RouteConfig.model_validate(document)
     except ValidationError as exc:

@@ -14,8 +14,10 @@ order and layout stay as the user wrote them; only the rollout's decision keys c
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+import re
 import shlex
 import tempfile
 from dataclasses import dataclass
@@ -23,12 +25,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import yaml as pyyaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from ruamel.yaml.util import load_yaml_guess_indent
 
 from tcpproxy.config import ConfigError, parse_config, parse_duration, read_config_bytes
+from tcpproxy.k8s_routes import is_route_document
 from tcpproxy.rollout import elapsed_at, format_seconds
 
 DEFAULT_CONFIGMAP = "tcpproxy-routes"
@@ -90,11 +94,45 @@ def _step_text(block: CommentedMap, now: float) -> str:
     return f" (step {index + 1} of {len(steps)}, {steps[index]}%)"
 
 
+# A line that starts a YAML document; nothing else may start with `---` at column 0.
+_DOCUMENT_START = re.compile(r"^---(?:[ \t].*)?\n?", re.MULTILINE)
+
+
+def _native_part(text: str) -> tuple[str, str, str] | None:
+    """For a file of several documents (route documents and the native one holding the
+    rollouts): (text before the native document, the native document, text after), so that
+    the edit leaves every other document byte for byte. None for one document."""
+    cuts = sorted({0, len(text), *(m.start() for m in _DOCUMENT_START.finditer(text))})
+    segments = list(itertools.pairwise(cuts))
+    if len(segments) < 2:
+        return None
+    for start, end in segments:
+        marker = _DOCUMENT_START.match(text, start)
+        body = marker.end() if marker else start
+        try:
+            document = pyyaml.safe_load(text[body:end])
+        except pyyaml.YAMLError:
+            continue
+        if isinstance(document, dict) and not is_route_document(document):
+            return text[:body], text[body:end], text[end:]
+    return None
+
+
 def edit_text(
     text: str, action: str, listener: str | None, now: datetime, reason: str | None = None
 ) -> tuple[str, list[Edit]]:
     """The file's text with `action` recorded in the rollout of `listener` (or of every
     listener that has one), and what was done. EditError when nothing can be done."""
+    if (split := _native_part(text)) is not None:
+        before, native, after = split
+        edited, edits = _edit_document(native, action, listener, now, reason)
+        return before + edited + after, edits
+    return _edit_document(text, action, listener, now, reason)
+
+
+def _edit_document(
+    text: str, action: str, listener: str | None, now: datetime, reason: str | None
+) -> tuple[str, list[Edit]]:
     yaml = YAML(typ="rt")
     yaml.preserve_quotes = True
     yaml.width = 4096  # never fold a long line the user wrote on one

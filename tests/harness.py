@@ -133,17 +133,19 @@ class Backends:
         name: str,
         factory: Callable[[], asyncio.Protocol] | None = None,
         port: int | None = None,
+        host: str = "127.0.0.1",
     ) -> str:
+        """Start a backend; `host` may be any address of 127.0.0.0/8 (all are loopback)."""
         port = port or free_port()
 
         async def start() -> asyncio.AbstractServer:
             loop = asyncio.get_running_loop()
             return await loop.create_server(
-                factory or (lambda: EchoProtocol(name)), "127.0.0.1", port, reuse_address=True
+                factory or (lambda: EchoProtocol(name)), host, port, reuse_address=True
             )
 
         self.servers[name] = self.thread.run(start())
-        self.addresses[name] = f"127.0.0.1:{port}"
+        self.addresses[name] = f"{host}:{port}"
         return self.addresses[name]
 
     def stop(self, name: str) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tcpproxy.config import parse_config
+
 from .tools import K8S_DIR, REPO_ROOT, check_route_config, find_tool, parse_duration, run
 
 # The oldest Kubernetes the manifests need (native sidecars, preStop sleep on by default) and
@@ -316,7 +318,8 @@ def test_route_configs_are_valid_and_match_the_ports(directory: str, tmp_path: P
     services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
     for deployment, container, text in mounted_route_configs(docs):
         check_route_config(text, tmp_path)
-        config = yaml.safe_load(text)
+        # Native, or route documents: what the proxy makes of them.
+        config = parse_config(text.encode(), "tcpproxy.yaml").config.model_dump()
         container_ports = {p["containerPort"] for p in container["ports"]}
         for listener in config["listeners"]:
             port = int(listener["bind"].rpartition(":")[2])
@@ -455,6 +458,27 @@ def test_shift_weights_overlay_changes_only_the_weights() -> None:
 
     assert weights(demo) == {"v1": 100, "v2": 0}
     assert weights(shifted) == {"v1": 0, "v2": 100}
+
+
+def test_istio_routes_overlay_is_the_demo_with_a_virtual_service() -> None:
+    demo, istio = render("examples/demo"), render("examples/istio-routes")
+    assert [(d["kind"], d["metadata"]["name"]) for d in demo] == [
+        (d["kind"], d["metadata"]["name"]) for d in istio
+    ]
+    assert [d for d in demo if d not in istio] == [named(demo, "ConfigMap", "tcpproxy-routes")]
+    text = named(istio, "ConfigMap", "tcpproxy-routes")["data"]["tcpproxy.yaml"]
+    assert "kind: VirtualService" in text
+    (listener,) = parse_config(text.encode(), "tcpproxy.yaml").config.listeners
+    (native,) = parse_config(
+        named(demo, "ConfigMap", "tcpproxy-routes")["data"]["tcpproxy.yaml"].encode(), "x"
+    ).config.listeners
+    assert [(b.address, b.weight) for b in listener.backends] == [
+        ("tcp-echo-v1:9000", 80),
+        ("tcp-echo-v2:9000", 20),
+    ]
+    assert [b.address for b in native.backends] == [b.address for b in listener.backends]
+    same = ("name", "bind", "drain_timeout", "connect_timeout", "idle_timeout", "max_connections")
+    assert {k: getattr(listener, k) for k in same} == {k: getattr(native, k) for k in same}
 
 
 def test_sidecar_is_a_native_sidecar() -> None:

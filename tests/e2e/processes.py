@@ -61,24 +61,30 @@ def http(url: str, method: str = "GET") -> tuple[int, str]:
         return 0, ""
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        Client(port, timeout=1).close()
+        Client(port, host=host, timeout=1).close()
     except OSError:
         return False
     return True
 
 
-@pytest.fixture
-def echo_backends() -> Iterator[dict[str, str]]:
-    """Two `tcpproxy echo` processes, v1 and v2."""
+def echo_processes(hosts: dict[str, str]) -> Iterator[dict[str, str]]:
+    """`tcpproxy echo` processes, one per name, on the given loopback hosts; their
+    addresses while the caller runs, then they are stopped."""
     procs, addresses = [], {}
-    for name in ("v1", "v2"):
+    for name, host in hosts.items():
         port = free_port()
-        procs.append(Process("echo", "--listen", f"127.0.0.1:{port}", "--name", name))
-        addresses[name] = f"127.0.0.1:{port}"
-        wait_until(partial(port_open, port), timeout=START_S, what=f"echo {name} up")
+        procs.append(Process("echo", "--listen", f"{host}:{port}", "--name", name))
+        addresses[name] = f"{host}:{port}"
+        wait_until(partial(port_open, port, host), timeout=START_S, what=f"echo {name} up")
     yield addresses
     for p in procs:
         p.signal(signal.SIGTERM)
         assert p.wait()[0] == 0
+
+
+@pytest.fixture
+def echo_backends() -> Iterator[dict[str, str]]:
+    """Two `tcpproxy echo` processes, v1 and v2."""
+    yield from echo_processes({"v1": "127.0.0.1", "v2": "127.0.0.1"})

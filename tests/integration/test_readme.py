@@ -196,8 +196,9 @@ def _named_in_paragraph(
         for use in found:
             for flag in use.flags:
                 yield Named(flag, use.program, (), span)
-        if not found and span.startswith("--"):
-            yield Named(_FLAG.findall(span)[0], None, scripts, span)
+        flags = _FLAG.findall(span) if span.startswith("--") else []
+        if not found and flags:  # `---` (a YAML document separator) names no flag
+            yield Named(flags[0], None, scripts, span)
 
 
 # -- the code, introspected ----------------------------------------------------------------
@@ -285,11 +286,13 @@ def readme_config_paths() -> tuple[set[str], set[str]]:
     for block in readme().blocks:
         if block.lang != "yaml":
             continue
-        doc = yaml.safe_load(block.text)
-        if isinstance(doc, dict) and "listeners" in doc:
-            rooted |= set(yaml_paths(doc))
-        else:
-            fragments |= {path.rpartition(".")[2] for path in yaml_paths(doc)}
+        for doc in yaml.safe_load_all(block.text):
+            if isinstance(doc, dict) and "apiVersion" in doc:
+                continue  # a Kubernetes object (the mesh's resources shown beside ours)
+            if isinstance(doc, dict) and "listeners" in doc:
+                rooted |= set(yaml_paths(doc))
+            else:
+                fragments |= {path.rpartition(".")[2] for path in yaml_paths(doc)}
     return rooted, fragments
 
 

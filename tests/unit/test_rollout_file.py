@@ -136,3 +136,41 @@ def test_the_file_is_replaced_whole_and_the_kubectl_patch_carries_it(tmp_path: P
         "kubectl", "patch", "configmap", "shop-routes", "--namespace", "shop", "--type",
     ]  # fmt: skip
     assert json.loads(command[-1]) == {"data": {"routes.yaml": path.read_text()}}
+
+
+ROUTES = """\
+# The shop's routes as the mesh has them, and its rollout beside them.
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: prod}
+spec:
+  tcp:
+  -   match: [{port: 8008}]      # an indentation the edit must not touch
+      route:
+      - destination: {host: shop-v1, port: {number: 9000}}
+        weight: 1
+      - destination: {host: shop-v2, port: {number: 9000}}
+        weight: 0
+---   # the native document
+listeners:
+  - name: shop
+    rollout:
+      from: shop-v1
+      to: shop-v2
+      steps: [10, 100]
+      step_duration: 10m
+      started_at: "2026-12-01T12:00:00Z"
+"""
+
+
+@pytest.mark.parametrize("native_first", [False, True])
+def test_beside_route_documents_only_the_native_document_is_edited(native_first: bool) -> None:
+    route, native = ROUTES.split("---   # the native document\n")
+    text = f"{native}---\n{route}" if native_first else ROUTES
+    after, edits = edit_text(text, "pause", "shop", START + timedelta(minutes=3))
+    removed, added = changed_lines(text, after)
+    assert (removed, added) == ([], ['      paused_at: "2026-12-01T12:03:00.000Z"'])
+    assert edits[0].summary.endswith("(step 1 of 2, 10%)")
+    (listener,) = parse_config(after.encode(), "x.yaml").config.listeners
+    assert listener.rollout is not None
+    assert listener.rollout.paused_at == START + timedelta(minutes=3)
