@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from tcpproxy import health
+from tcpproxy.affinity import ClientHash
 from tcpproxy.backend import Backend
 from tcpproxy.balancer import SmoothWeightedRoundRobin
 from tcpproxy.config import HealthCheckConfig, ListenerConfig, RolloutConfig
@@ -49,6 +50,10 @@ class BackendPool:
         self.backends: dict[BackendKey, Backend] = {}  # in the config now
         self.draining: dict[BackendKey, Backend] = {}  # removed, connections still open
         self.balancer: SmoothWeightedRoundRobin[Backend] = SmoothWeightedRoundRobin([])
+        # With `balance: client_hash`: picks by client address (the balancer serves clients
+        # whose address is unknown).
+        self.affinity: ClientHash[Backend] | None = None
+        self._balance = "round_robin"
         self._ordered: list[Backend] = []
         self._checker: health.HealthChecker | None = None
         self.rollout: Rollout | None = None
@@ -83,6 +88,7 @@ class BackendPool:
         if self._history_handle is None:
             self._history_handle = self.loop.call_later(HISTORY_INTERVAL_S, self._sample_history)
         self._configure_rollout(None if retired else config.rollout)
+        self._balance = config.balance
         self._rebuild_balancer()
         self._configure_health_checks(None if retired else config.health_check)
         return removed
@@ -163,10 +169,23 @@ class BackendPool:
             return b if backend.name == rollout.config.to else a
         return backend.weight
 
+    def rollout_split(self) -> tuple[str, str, int] | None:
+        """(from, to, to's share in percent) while a rollout overrides the pair's weights."""
+        rollout = self.rollout
+        if rollout is None:
+            return None
+        return rollout.config.from_, rollout.config.to, self._rollout_share
+
     def _rebuild_balancer(self) -> None:
         self.balancer = SmoothWeightedRoundRobin(
             [(b, self.effective_weight(b)) for b in self._ordered]
         )
+        self.affinity = None
+        if self._balance == "client_hash":
+            # Configured weights: the rollout's pair is one group of their sum, split inside.
+            self.affinity = ClientHash(
+                [(b, b.name, b.weight) for b in self._ordered], self.rollout_split()
+            )
 
     def _configure_rollout(self, config: RolloutConfig | None) -> None:
         current = self.rollout.config if self.rollout is not None else None

@@ -251,8 +251,16 @@ def config_yaml(*listeners: str) -> str:
 class Client:
     """A blocking client socket with timeouts, for tests."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = WAIT_S) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        timeout: float = WAIT_S,
+        source: str | None = None,
+    ) -> None:
+        """`source`: the client's own address (any of 127.0.0.0/8 on loopback)."""
+        source_address = (source, 0) if source is not None else None
+        self.sock = socket.create_connection((host, port), timeout, source_address)
 
     def greeting(self) -> str:
         """The backend's `hello from NAME` line: which backend this connection reached."""

@@ -55,6 +55,7 @@ LISTENER_KEYS = frozenset(
         "idle_timeout",
         "max_connections",
         "engine",
+        "balance",
     }
 )
 BACKEND_KEYS = frozenset({"name", "address", "weight"})
@@ -152,6 +153,17 @@ def test_optional_listener_fields_take_defaults() -> None:
     assert lst.connect_timeout == DEFAULT_CONNECT_TIMEOUT_S
     assert lst.idle_timeout == DEFAULT_IDLE_TIMEOUT_S
     assert lst.max_connections == DEFAULT_MAX_CONNECTIONS
+    assert lst.balance == "round_robin"
+
+
+def test_balance_is_round_robin_or_client_hash() -> None:
+    for balance in ("round_robin", "client_hash"):
+        (lst,) = parse(document(listener(balance=balance))).config.listeners
+        assert lst.balance == balance
+    for bad in ("source", "", 1, None):
+        assert problems_of(document(listener(balance=bad))) == [
+            f"{SOURCE}: listeners[0].balance: Input should be 'round_robin' or 'client_hash'"
+        ]
 
 
 def test_several_listeners_keep_file_order() -> None:
