@@ -25,6 +25,7 @@ import pytest
 import uvloop
 
 from tcpproxy import acceptor
+from tcpproxy.affinity import ClientHash, client_key
 from tcpproxy.demo import EchoProtocol
 from tcpproxy.proxy import Proxy, ReloadResult
 from tcpproxy.reloader import Reloader
@@ -321,6 +322,24 @@ def greetings(port: int, n: int) -> Counter[str]:
         seen[client.greeting()] += 1
         client.close()
     return seen
+
+
+def greetings_from(port: int, sources: list[str]) -> dict[str, str]:
+    """A new connection from each client address in `sources`: the backend that greeted it."""
+    seen = {}
+    for source in sources:
+        client = Client(port, source=source)
+        seen[source] = client.greeting()
+        client.close()
+    return seen
+
+
+def client_hash_mapping(
+    weights: dict[str, int], sources: list[str], rollout: tuple[str, str, int] | None = None
+) -> dict[str, str | None]:
+    """Where `balance: client_hash` sends each client address, by the pure mapping."""
+    h = ClientHash([(name, name, w) for name, w in weights.items()], rollout)
+    return {s: h.pick(client_key(s)) for s in sources}
 
 
 @contextlib.contextmanager

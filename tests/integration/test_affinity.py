@@ -9,14 +9,15 @@ from functools import partial
 
 import pytest
 
-from tcpproxy.affinity import ClientHash, client_key
 from tcpproxy.proxy import Proxy
 from tests.harness import (
     Backends,
     Client,
     RunningProxy,
+    client_hash_mapping,
     config_yaml,
     free_port,
+    greetings_from,
     listener_yaml,
     move_wall_clock,
     wait_until,
@@ -24,24 +25,6 @@ from tests.harness import (
 
 Start = Callable[[str], RunningProxy]
 SOURCES = [f"127.0.0.{i}" for i in range(2, 42)]
-
-
-def expected(
-    weights: dict[str, int], sources: list[str], rollout: tuple[str, str, int] | None = None
-) -> dict[str, str | None]:
-    """Where the pure mapping sends each client address."""
-    h = ClientHash([(name, name, w) for name, w in weights.items()], rollout)
-    return {s: h.pick(client_key(s)) for s in sources}
-
-
-def reached(port: int, sources: list[str]) -> dict[str, str]:
-    """A new connection from each source address: the backend that greeted it."""
-    out = {}
-    for source in sources:
-        client = Client(port, source=source)
-        out[source] = client.greeting()
-        client.close()
-    return out
 
 
 def routes(port: int, addresses: dict[str, str], weights: dict[str, int], **options: object) -> str:
@@ -56,10 +39,10 @@ def test_clients_stick_across_reconnects_weight_changes_and_removals(
     port = free_port()
     weights = {"v1": 1, "v2": 1, "v3": 1}
     running = start_proxy(routes(port, addresses, weights))
-    first = reached(port, SOURCES)
-    assert first == expected(weights, SOURCES)
+    first = greetings_from(port, SOURCES)
+    assert first == client_hash_mapping(weights, SOURCES)
     assert set(first.values()) == {"v1", "v2", "v3"}
-    assert reached(port, SOURCES) == first  # reconnects land where they did
+    assert greetings_from(port, SOURCES) == first  # reconnects land where they did
     held = {}
     for name in ("v1", "v2"):
         source = next(s for s, b in first.items() if b == name)
@@ -70,8 +53,8 @@ def test_clients_stick_across_reconnects_weight_changes_and_removals(
     weights["v3"] = 4
     running.write_config(routes(port, addresses, weights))
     assert running.reload().result == "success"
-    raised = reached(port, SOURCES)
-    assert raised == expected(weights, SOURCES)
+    raised = greetings_from(port, SOURCES)
+    assert raised == client_hash_mapping(weights, SOURCES)
     assert all(raised[s] in (first[s], "v3") for s in SOURCES)
     assert raised != first
 
@@ -79,8 +62,8 @@ def test_clients_stick_across_reconnects_weight_changes_and_removals(
     del weights["v2"]
     running.write_config(routes(port, addresses, weights))
     assert running.reload().result == "success"
-    removed = reached(port, SOURCES)
-    assert removed == expected(weights, SOURCES)
+    removed = greetings_from(port, SOURCES)
+    assert removed == client_hash_mapping(weights, SOURCES)
     assert all(removed[s] == raised[s] for s in SOURCES if raised[s] != "v2")
     assert running.backend_stat("app", "v2", "draining")
     for name, client in held.items():
@@ -95,7 +78,7 @@ def test_clients_stick_across_reconnects_weight_changes_and_removals(
         f"{running.config_path}: listeners[0].balance: "
         "Input should be 'round_robin' or 'client_hash'",
     )
-    assert reached(port, SOURCES) == removed
+    assert greetings_from(port, SOURCES) == removed
 
 
 def test_a_failing_backend_gives_up_only_its_clients_until_it_is_back(
@@ -107,14 +90,14 @@ def test_a_failing_backend_gives_up_only_its_clients_until_it_is_back(
     weights = {"v1": 1, "v2": 1, "v3": 1}
     # No ejection: every client of v2 tries it first, is refused, and is retried elsewhere.
     start_proxy(routes(port, addresses, weights, ejection="null"))
-    before = reached(port, SOURCES)
+    before = greetings_from(port, SOURCES)
     backends.stop("v2")
-    during = reached(port, SOURCES)
+    during = greetings_from(port, SOURCES)
     without_v2 = {"v1": 1, "v3": 1}
-    assert during == expected(without_v2, SOURCES)  # its clients: their next-best
+    assert during == client_hash_mapping(without_v2, SOURCES)  # its clients: their next-best
     assert all(during[s] == before[s] for s in SOURCES if before[s] != "v2")
     backends.start("v2", port=ports["v2"])
-    assert reached(port, SOURCES) == before
+    assert greetings_from(port, SOURCES) == before
 
 
 def test_the_proxy_header_source_is_the_client(backends: Backends, start_proxy: Start) -> None:
@@ -130,7 +113,7 @@ def test_the_proxy_header_source_is_the_client(backends: Backends, start_proxy: 
         backend = client.greeting()
         assert seen.setdefault(source, backend) == backend
         client.close()
-    assert seen == expected(weights, sources)
+    assert seen == client_hash_mapping(weights, sources)
     assert set(seen.values()) == {"v1", "v2"}
 
 
@@ -148,14 +131,14 @@ def test_rollout_steps_move_clients_only_from_from_to_to(
         split = proxy.listeners["app"].pool.rollout_split()
         return None if split is None else split[2]
 
-    plain = expected(weights, SOURCES)
+    plain = client_hash_mapping(weights, SOURCES)
     previous = None
     for step, percent in enumerate((20, 50, 80)):
         clock.offset_s = step * 3600 + 60
         wait_until(partial(lambda p: running.state(share) == p, percent), what=f"{percent}%")
-        now = reached(port, SOURCES)
+        now = greetings_from(port, SOURCES)
         assert running.state(share) == percent, "the step changed while connecting"
-        assert now == expected(weights, SOURCES, ("v1", "v2", percent))
+        assert now == client_hash_mapping(weights, SOURCES, ("v1", "v2", percent))
         # The bystander v3 keeps exactly its clients; the pair's move one way only.
         assert {s for s in SOURCES if now[s] == "v3"} == {s for s in SOURCES if plain[s] == "v3"}
         if previous is not None:
@@ -165,5 +148,5 @@ def test_rollout_steps_move_clients_only_from_from_to_to(
     assert "v2" in previous.values()
 
     assert running.state(lambda p: p.listeners["app"].control_rollout("abort", "the test"))
-    aborted = reached(port, SOURCES)
+    aborted = greetings_from(port, SOURCES)
     assert aborted == {s: "v1" if b == "v2" else b for s, b in previous.items()}
