@@ -8,9 +8,10 @@ must move: raising one weight lowers only that backend's scores (clients move to
 anyone), lowering it moves only its own clients away, and adding or removing a backend moves
 only its share. A backend that cannot take a client (unhealthy, ejected, draining, weight 0,
 or already tried) is passed over for that client's next-best: only its clients move, and they
-come back when it does. Ring hashing (Ketama) and Maglev need a table to be rebuilt and move
-more than the minimum when weights change; rendezvous needs none, at the cost of one hash per
-backend a pick.
+come back when it does. Ring hashing (Ketama) and Maglev build a table from the weights:
+shares only as fine as the table, and Maglev's rebuild moves some clients between backends
+whose weights did not change. Rendezvous needs no table, at the cost of one hash per backend
+a pick.
 
 A rollout (from, to, share) is one group: the pair's score is the lower of its two backends'
 scores, an exponential of rate weight(from) + weight(to), so the pair holds exactly the

@@ -70,6 +70,13 @@ def test_clients_stick_across_reconnects_weight_changes_and_removals(
         assert client.echo(f"still on {name}\n".encode()) == f"still on {name}\n".encode()
         client.close()
 
+    # v1 moved to another address (same name): its clients follow it, no one else moves.
+    addresses["v1"] = backends.start("v1-moved")
+    running.write_config(routes(port, addresses, weights))
+    assert running.reload().result == "success"
+    moved = greetings_from(port, SOURCES)
+    assert moved == {s: "v1-moved" if b == "v1" else b for s, b in removed.items()}
+
     # A bad reload keeps the mapping in force.
     running.write_config(routes(port, addresses, weights).replace("client_hash", "sticky"))
     result = running.reload()
@@ -78,7 +85,7 @@ def test_clients_stick_across_reconnects_weight_changes_and_removals(
         f"{running.config_path}: listeners[0].balance: "
         "Input should be 'round_robin' or 'client_hash'",
     )
-    assert greetings_from(port, SOURCES) == removed
+    assert greetings_from(port, SOURCES) == moved
 
 
 def test_a_failing_backend_gives_up_only_its_clients_until_it_is_back(
