@@ -735,6 +735,8 @@ def listener_dicts(draw: st.DrawFn, name: str, bind: str) -> dict[str, Any]:
         out["connect_timeout"] = draw(st.integers(1, 600))
     if draw(st.booleans()):
         out["max_connections"] = draw(st.integers(1, 10**6))
+    if draw(st.booleans()):
+        out["balance"] = draw(st.sampled_from(["round_robin", "client_hash"]))
     return out
 
 
@@ -767,6 +769,7 @@ def test_any_valid_config_parses_and_round_trips(doc: dict[str, Any]) -> None:
                 assert getattr(lst, field) == pytest.approx(parse_duration(expected[field]))
         if "max_connections" in expected:
             assert lst.max_connections == expected["max_connections"]
+        assert lst.balance == expected.get("balance", "round_robin")
 
 
 unknown_keys = st.from_regex(r"[A-Za-z_][A-Za-z0-9_-]{0,11}", fullmatch=True)
