@@ -127,8 +127,7 @@ class ClientHash(Generic[T]):
         groups = self._groups
         if not groups:
             return None
-        scores = self._scores(key)
-        best = min(range(len(groups)), key=scores.__getitem__)
+        scores, best = self._scores(key)
         chosen = self._take(key, groups[best], eligible, exclude)
         if chosen is not None or len(groups) == 1:
             return chosen
@@ -140,12 +139,14 @@ class ClientHash(Generic[T]):
                 return chosen
         return None
 
-    def _scores(self, key: int) -> list[float]:
-        """Each group's score for client `key`: the lowest of its members' -ln(h) / weight.
-        _mix and _unit written out: a pick is on every new connection's path."""
+    def _scores(self, key: int) -> tuple[list[float], int]:
+        """Each group's score for client `key` (the lowest of its members' -ln(h) / weight),
+        and the index of the lowest. _mix and _unit written out: a pick is on every new
+        connection's path."""
         log, mask = math.log, _MASK64
         scores = []
-        for members, _, _ in self._groups:
+        best, best_score = 0, math.inf
+        for i, (members, _, _) in enumerate(self._groups):
             score = math.inf
             for seed, inverse_weight in members:
                 x = key ^ seed
@@ -155,7 +156,9 @@ class ClientHash(Generic[T]):
                 s = -log(((x >> 11) + 0.5) * _UNIT_STEP) * inverse_weight
                 score = s if s < score else score
             scores.append(score)
-        return scores
+            if score < best_score:
+                best, best_score = i, score
+        return scores, best
 
     def _take(
         self,
