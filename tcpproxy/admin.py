@@ -97,7 +97,11 @@ def status(proxy: Proxy) -> dict[str, Any]:
         configured = sum(weight_of(b) for b in listener.backends.values() if b.eligible())
         backends = []
         for b in listener.all_backends():
-            left = None if b.drain_deadline is None else max(0.0, b.drain_deadline - loop_now)
+            left = (
+                None
+                if b.drain_deadline is None
+                else round(max(0.0, b.drain_deadline - loop_now), 1)  # 58.7, not 58.6799999
+            )
             backends.append(
                 {
                     "name": b.name,
@@ -519,7 +523,8 @@ async def _rollout(request: web.Request) -> web.Response:
         return web.json_response({"error": f"no rollout on listener {name!r}"}, status=404)
     done = listener.control_rollout(action, _who(request), _peer(request))
     rollout = listener.rollout.as_dict(time.time())
-    body = {"done": done, "rollout": rollout}
+    # This replica only: a decision for every replica goes into the config file.
+    body = {"done": done, "scope": "this replica", "rollout": rollout}
     return web.json_response(body, status=200 if done else 409)
 
 

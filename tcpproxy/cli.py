@@ -7,13 +7,14 @@ import asyncio
 import select
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from tcpproxy import __version__
-from tcpproxy.config import ConfigError
+from tcpproxy.config import ConfigError, split_host_port
 from tcpproxy.config_worker import load_isolated
-from tcpproxy.logs import setup_logging
+from tcpproxy.logs import plural, setup_logging
 from tcpproxy.settings import Settings, SettingsError, load_settings, read_admin_token
 
 
@@ -110,10 +111,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_size_flag(check)
     demo = sub.add_parser("demo", help="two echo backends v1/v2 and the proxy on :8008")
     _add_process_flags(demo)
-    rollout = sub.add_parser("rollout", help="show or steer a running rollout (via admin)")
-    rollout.add_argument("action", choices=["status", "pause", "resume", "abort"])
+    rollout = sub.add_parser(
+        "rollout",
+        help="show or steer a rollout: in the config file (every replica), or on one proxy "
+        "through its admin API",
+    )
+    rollout.add_argument("action", choices=["status", "start", "pause", "resume", "abort"])
     rollout.add_argument("--listener", help="the listener (default: every one with a rollout)")
-    rollout.add_argument("--admin", help="admin HOST:PORT of the proxy [TCPPROXY_ADMIN]")
+    rollout.add_argument(
+        "--config",
+        dest="rollout_config",
+        type=Path,
+        metavar="FILE",
+        help="record start (step 1 now), pause, resume or abort in this route config file "
+        "(in place, comments kept), for every replica that reads it; with status, the "
+        "schedule it gives now",
+    )
+    rollout.add_argument("--reason", help="abort: why, kept in the file (abort_reason)")
+    rollout.add_argument(
+        "--configmap",
+        default="tcpproxy-routes",
+        help="the ConfigMap in the printed kubectl patch (default tcpproxy-routes)",
+    )
+    rollout.add_argument(
+        "--configmap-key", help="its key holding the file (default: the file's name)"
+    )
+    rollout.add_argument("--namespace", help="its namespace in the printed kubectl patch")
+    rollout.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="status: every replica's step, state and share, and the fleet's measured "
+        "share, from this Prometheus",
+    )
+    rollout.add_argument(
+        "--window", default="5m", help="status --prometheus: measure shares over this (5m)"
+    )
+    rollout.add_argument(
+        "--admin",
+        help="admin HOST:PORT of one proxy: status, or pause/resume/abort on that replica "
+        "only [TCPPROXY_ADMIN]",
+    )
     _add_token_flag(rollout)
     echo = sub.add_parser("echo", help="the demo backend: greets with its name, echoes lines")
     echo.add_argument("--listen", required=True, help="HOST:PORT to listen on")
@@ -170,24 +207,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # In a child process with a time and memory limit, as `run` parses it.
                 loaded = asyncio.run(load_isolated(settings.config, settings.max_config_size))
             except ConfigError as exc:
-                print("\n".join(exc.problems), file=sys.stderr)
+                print("\n".join(settings.hint_missing_config(exc.problems)), file=sys.stderr)
+                return 1
+            for warning in loaded.warnings():
+                print(warning, file=sys.stderr)
+            from tcpproxy.rollout import schedule_problems  # noqa: PLC0415
+
+            if problems := schedule_problems(loaded.config, str(settings.config), time.time()):
+                print("\n".join(problems), file=sys.stderr)
                 return 1
             count = sum(len(lst.backends) for lst in loaded.config.listeners)
             print(
-                f"{settings.config}: ok ({len(loaded.config.listeners)} listeners, "
-                f"{count} backends, sha256 {loaded.sha256[:12]})"
+                f"{settings.config}: ok ({plural(len(loaded.config.listeners), 'listener')}, "
+                f"{plural(count, 'backend')}, sha256 {loaded.sha256[:12]})"
             )
             return 0
         if args.command == "rollout":
-            from tcpproxy.rollout_cli import rollout_command  # noqa: PLC0415
+            from tcpproxy import rollout_cli  # noqa: PLC0415
 
+            if args.rollout_config or args.prometheus or args.action == "start":
+                return rollout_cli.fleet_command(args)
             settings = _settings(args)
-            return rollout_command(
+            return rollout_cli.rollout_command(
                 settings.admin, args.action, args.listener, admin_token(settings)
             )
         if args.command == "echo":
             from tcpproxy.demo import echo_main  # noqa: PLC0415
 
+            try:
+                split_host_port(args.listen)
+            except ValueError as exc:
+                print(f"--listen: {exc}", file=sys.stderr)
+                return 2
             setup_logging()
             return run_loop(echo_main(args.name, args.listen))
         if args.command in ("demo", "run") and not hasattr(select, "epoll"):
@@ -198,11 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         if args.command == "demo":
-            from tcpproxy.demo import demo_config_path, demo_main  # noqa: PLC0415
+            from tcpproxy.demo import demo_config, demo_main  # noqa: PLC0415
 
-            settings = _settings(args, config=args.config or demo_config_path())
-            setup_logging(settings.log_level, settings.log_format, settings.access_log)
-            return run_loop(demo_main(settings))
+            with demo_config(args.config) as config:
+                settings = _settings(args, config=config)
+                setup_logging(settings.log_level, settings.log_format, settings.access_log)
+                return run_loop(demo_main(settings))
         settings = _settings(args)
         from tcpproxy.server import serve  # noqa: PLC0415
 

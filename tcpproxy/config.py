@@ -11,7 +11,7 @@ import socket
 import stat
 import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,7 +31,8 @@ from yaml.composer import Composer
 from yaml.events import AliasEvent
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*")
+# A sign is matched so that "-1" is told it must be >= 0, not that it is no duration.
+_DURATION_RE = re.compile(r"\s*(-?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h)?\s*")
 # Milliseconds divide rather than multiply by 0.001, so that "9ms" is exactly 0.009.
 _UNIT_MULTIPLY = {"s": 1, "m": 60, "h": 3600, None: 1}
 _HOST_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -74,7 +75,7 @@ def parse_duration(value: object) -> float:
         seconds = float("inf")
     if not 0 <= seconds < float("inf"):
         raise ValueError(f"invalid duration {value!r}: must be a finite value >= 0")
-    return seconds
+    return seconds + 0.0  # "-0" is 0.0, not -0.0
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -134,6 +135,13 @@ def _check_address(text: str) -> str:
     return text
 
 
+def _every_interface(text: object) -> object:
+    """`:8008` (no host, as Go and Envoy write it) is every IPv4 interface: 0.0.0.0:8008."""
+    if isinstance(text, str) and text.startswith(":"):
+        return "0.0.0.0" + text
+    return text
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
 Address = Annotated[str, Field(strict=True), AfterValidator(_check_address)]
@@ -183,6 +191,37 @@ class ProxyProtocolConfig(_Model):
     accept: bool = False
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    """A time without a zone is UTC: every replica must read the same instant."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+Instant = Annotated[datetime, AfterValidator(_utc)]
+
+
+def _http_url(text: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", text):
+        raise ValueError(f"invalid URL {text!r}: expected http://host:port or https://host/path")
+    return text.rstrip("/")
+
+
+class PrometheusJudgeConfig(_Model):
+    """Judge the abort on the whole fleet's numbers, from a Prometheus that scrapes every
+    replica."""
+
+    url: Annotated[str, Field(strict=True), AfterValidator(_http_url)]
+    # PromQL that gives the failure ratio of connects to `to` (one number); by default the
+    # ratio over every replica over `window`, once there were `min_attempts`.
+    query: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    # Label matchers added to the default queries' selectors, to tell this fleet's series
+    # from another's in the same Prometheus, e.g. 'namespace="shop"'.
+    selector: Annotated[str, Field(max_length=1024, pattern=r"^[^{}]*$")] = ""
+    interval: Annotated[Duration, Field(gt=0)] = 10.0
+    timeout: Annotated[Duration, Field(gt=0)] = 2.0
+
+
 class RolloutAbortConfig(_Model):
     # Abort when more than this part of the connection attempts to B failed over `window`
     # (once there were at least `min_attempts`), or when B is unhealthy.
@@ -190,10 +229,13 @@ class RolloutAbortConfig(_Model):
     window: Annotated[Duration, Field(gt=0)] = 60.0
     min_attempts: StrictInt = Field(default=5, ge=1)
     on_unhealthy: bool = True
+    prometheus: PrometheusJudgeConfig | None = None
 
 
 class RolloutConfig(_Model):
-    """Shift new connections from backend `from` to backend `to` in timed steps."""
+    """Shift new connections from backend `from` to backend `to` in timed steps. The
+    operator's decisions (pause, resume, abort) are fields too, so that one edit of the file
+    steers every replica that reads it, and a restart or a new replica keeps them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -203,7 +245,16 @@ class RolloutConfig(_Model):
     step_duration: Annotated[Duration, Field(gt=0)]
     # When step 1 began. Set it (ISO 8601) to make restarts resume at the right step; left
     # out, the rollout starts when this config is first applied.
-    started_at: datetime | None = None
+    started_at: Instant | None = None
+    # Held since this instant (written by `tcpproxy rollout pause --config`).
+    paused_at: Instant | None = None
+    # Time spent paused before, which the schedule does not count (written by resume).
+    paused_for: Duration = 0.0
+    # All of the pair's share back to `from` since this instant (written by abort).
+    aborted_at: Instant | None = None
+    abort_reason: Annotated[str, Field(max_length=200)] | None = None
+    # The whole schedule lies in the past: run it as completed instead of refusing it.
+    completed: bool = False
     abort: RolloutAbortConfig = RolloutAbortConfig()
 
     @field_validator("steps")
@@ -215,10 +266,17 @@ class RolloutConfig(_Model):
             raise ValueError("steps must increase")
         return steps
 
+    def identity(self, listener: str) -> str:
+        """Names this rollout across replicas and reloads: what it moves and when, not the
+        operator's decisions nor the abort thresholds, which may change while it runs."""
+        started = self.started_at.isoformat() if self.started_at else ""
+        key = f"{listener}|{self.from_}|{self.to}|{self.steps}|{self.step_duration}|{started}"
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
 
 class ListenerConfig(_Model):
     name: Name
-    bind: Address
+    bind: Annotated[Address, BeforeValidator(_every_interface)]
     backends: tuple[BackendConfig, ...]
     drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT_S
     connect_timeout: Annotated[Duration, Field(gt=0)] = DEFAULT_CONNECT_TIMEOUT_S
@@ -269,6 +327,12 @@ class ListenerConfig(_Model):
                     raise ValueError(f"{name!r} is not a backend of this listener")
             if rollout.from_ == rollout.to:
                 raise ValueError("'from' and 'to' must be different backends")
+            weights = {b.name: b.weight for b in info.data.get("backends", ())}
+            if weights[rollout.from_] + weights[rollout.to] == 0:
+                raise ValueError(
+                    f"{rollout.from_!r} and {rollout.to!r} both have weight 0: the rollout "
+                    "moves the share they hold together, so it would move nothing"
+                )
         return rollout
 
 
@@ -310,6 +374,15 @@ class LoadedConfig:
     config: RouteConfig
     sha256: str
     source: str
+
+    def warnings(self) -> list[str]:
+        """What is valid but most likely not meant, one line each, like the problems."""
+        return [
+            f"{self.source}: listeners[{i}].backends: every weight is 0, so no backend takes "
+            "new connections: each one is closed at once (rejected as no_backend)"
+            for i, listener in enumerate(self.config.listeners)
+            if not any(b.weight for b in listener.backends)
+        ]
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -100,13 +102,19 @@ async def echo_main(name: str, listen: str) -> int:
     return 0
 
 
-def demo_config_path() -> Path:
-    """config/demo.yaml in a checkout; otherwise a fresh copy of the built-in one."""
-    if DEMO_CONFIG_PATH.is_file():
-        return DEMO_CONFIG_PATH
-    path = Path(tempfile.mkdtemp(prefix="tcpproxy-demo-")) / "demo.yaml"
-    path.write_text(DEMO_CONFIG)
-    return path
+@contextlib.contextmanager
+def demo_config(given: Path | None = None) -> Iterator[Path]:
+    """The demo's config: `given`, else config/demo.yaml in a checkout, else a copy of the
+    built-in one in a temporary directory that goes when the demo ends."""
+    if given is not None:
+        yield given
+    elif DEMO_CONFIG_PATH.is_file():
+        yield DEMO_CONFIG_PATH
+    else:
+        with tempfile.TemporaryDirectory(prefix="tcpproxy-demo-") as directory:
+            path = Path(directory) / "demo.yaml"
+            path.write_text(DEMO_CONFIG)
+            yield path
 
 
 async def demo_main(settings: Settings) -> int:

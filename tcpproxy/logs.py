@@ -11,6 +11,11 @@ from datetime import UTC, datetime
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 listener`, `2 listeners`: counts in log lines and messages read as English."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: `time` (RFC 3339, UTC), `severity`, `logger`, `message`,
     then every field the call passed in `extra=` (the access log's listener, backend, client,

@@ -108,6 +108,22 @@ _ROLLOUT_SHARE = (
     "The new backend's share of new connections under the rollout.",
 )
 _ROLLOUT_STATE = (PREFIX + "rollout_state", "gauge", "1 for the rollout's current state.")
+_ROLLOUT_ABORTED = (
+    PREFIX + "rollout_aborted",
+    "gauge",
+    "1 once this replica has aborted the rollout named by `rollout` (its identity).",
+)
+_ROLLOUT_INFO = (
+    PREFIX + "rollout_info",
+    "gauge",
+    "The rollout in force: its identity, backends and steps (always 1).",
+)
+_ROLLOUT_WEIGHT = (
+    PREFIX + "rollout_weight",
+    "gauge",
+    "The weight the rollout gives each of its two backends in place of the configured one, "
+    "on the configured weights' scale (their sum, split by the step's share).",
+)
 
 
 class BackendRow(NamedTuple):
@@ -140,6 +156,11 @@ class RolloutRow(NamedTuple):
     backend: str
     share: float
     state: str
+    identity: str
+    from_: str
+    steps: str  # "5,25,50,100"
+    from_weight: float
+    to_weight: float
 
 
 # One Backend's figures (or the counts carried for its name): listener, name, total, active,
@@ -255,6 +276,7 @@ class Snapshot:
 
 def _snapshot(
     backends: list[Backend],
+    live: int,
     carried: dict[Labels, _Carried],
     durations: dict[Labels, _Durations],
     rollouts: tuple[RolloutRow, ...],
@@ -273,7 +295,9 @@ def _snapshot(
         [b.ends.copy() for b in backends],
         [b.drain_closed for b in backends],
         [b.weight for b in backends],
-        [b.drain_deadline is not None for b in backends],
+        # Past `live`, backends that drained away and linger for a last scrape: no longer
+        # draining, whatever their deadline was.
+        [i < live and b.drain_deadline is not None for i, b in enumerate(backends)],
         [b.healthy and not b.ejected for b in backends],
         {key: c.raw(key) for key, c in carried.items()},
         (
@@ -346,6 +370,12 @@ def _rollout_rows(rollouts: Iterable[tuple[str, Rollout]]) -> tuple[RolloutRow, 
             rollout.config.to,
             rollout.applied_share,
             rollout.state,
+            rollout.identity,
+            rollout.config.from_,
+            ",".join(map(str, rollout.config.steps)),
+            # On the configured weights' scale: the pair's sum split by the share.
+            rollout.pair_weight * (100 - rollout.applied_share) / 100,
+            rollout.pair_weight * rollout.applied_share / 100,
         )
         for listener, rollout in rollouts
     )
@@ -389,13 +419,20 @@ def _families(snapshot: Snapshot) -> Iterator[Metric]:
     step = _gauge(_ROLLOUT_STEP, ["listener"])
     share = _gauge(_ROLLOUT_SHARE, ["listener", "backend"])
     state = _gauge(_ROLLOUT_STATE, ["listener", "state"])
+    aborted = _gauge(_ROLLOUT_ABORTED, ["listener", "rollout"])
+    info = _gauge(_ROLLOUT_INFO, ["listener", "rollout", "from", "to", "steps"])
+    rollout_weight = _gauge(_ROLLOUT_WEIGHT, ["listener", "backend"])
     for ro in snapshot.rollouts:
         step.add_metric([ro.listener], ro.step)
         share.add_metric([ro.listener, ro.backend], ro.share)
         for name in ROLLOUT_STATES:
             state.add_metric([ro.listener, name], 1 if ro.state == name else 0)
+        aborted.add_metric([ro.listener, ro.identity], 1 if ro.state == "aborted" else 0)
+        info.add_metric([ro.listener, ro.identity, ro.from_, ro.backend, ro.steps], 1)
+        rollout_weight.add_metric([ro.listener, ro.from_], ro.from_weight)
+        rollout_weight.add_metric([ro.listener, ro.backend], ro.to_weight)
     yield from (total, active, traffic, failures, closed, drained, weight, draining, up)
-    yield from (duration, step, share, state)
+    yield from (duration, step, share, state, aborted, info, rollout_weight)
 
 
 class _SnapshotCollector(Collector):
@@ -523,6 +560,22 @@ def _render(snapshot: Snapshot, registry: CollectorRegistry) -> bytes:
         for state in ROLLOUT_STATES:
             lab = f'listener="{_escape(ro.listener)}",state="{state}"'
             put(f"{_ROLLOUT_STATE[0]}{{{lab}}} {1 if ro.state == state else 0}\n")
+    _header(out, _ROLLOUT_ABORTED)
+    for ro in snapshot.rollouts:
+        lab = f'listener="{_escape(ro.listener)}",rollout="{ro.identity}"'
+        put(f"{_ROLLOUT_ABORTED[0]}{{{lab}}} {1 if ro.state == 'aborted' else 0}\n")
+    _header(out, _ROLLOUT_INFO)
+    for ro in snapshot.rollouts:
+        lab = (
+            f'listener="{_escape(ro.listener)}",rollout="{ro.identity}",'
+            f'from="{_escape(ro.from_)}",to="{_escape(ro.backend)}",steps="{ro.steps}"'
+        )
+        put(f"{_ROLLOUT_INFO[0]}{{{lab}}} 1\n")
+    _header(out, _ROLLOUT_WEIGHT)
+    for ro in snapshot.rollouts:
+        for backend, weight in ((ro.from_, ro.from_weight), (ro.backend, ro.to_weight)):
+            lab = f'listener="{_escape(ro.listener)}",backend="{_escape(backend)}"'
+            put(f"{_ROLLOUT_WEIGHT[0]}{{{lab}}} {_number(weight)}\n")
     # Joined and encoded in slices: one join of the whole text would hold the interpreter
     # lock, and so the event loop, for as long as it takes to copy it.
     step = 4096
@@ -575,6 +628,18 @@ class Metrics:
             "Unix time of the last successful reload.",
             registry=None,
         )
+        self.rollout_prometheus_up = Gauge(
+            PREFIX + "rollout_prometheus_up",
+            "1 while the rollout's Prometheus judge answers, 0 during an outage.",
+            ["listener"],
+            registry=None,
+        )
+        self.rollout_prometheus_errors = Counter(
+            PREFIX + "rollout_prometheus_errors",
+            "Queries to the rollout's Prometheus judge that failed or timed out.",
+            ["listener"],
+            registry=None,
+        )
         build = Gauge(PREFIX + "build_info", "Build information.", ["version"], registry=None)
         build.labels(__version__).set(1)
         for metric in (
@@ -582,6 +647,8 @@ class Metrics:
             self.reloads,
             self.last_reload_successful,
             self.last_reload_success_timestamp,
+            self.rollout_prometheus_up,
+            self.rollout_prometheus_errors,
             build,
         ):
             self.registry.register(metric)
@@ -606,8 +673,11 @@ class Metrics:
     def snapshot(self) -> Snapshot:
         """Every per-backend and rollout figure as it is now: a copy, on the event loop."""
         with _no_gc():
+            self._prune()
+            live = list(self._backends())
             return _snapshot(
-                list(self._reported()),
+                live + [backend for _, backend in self._lingering],
+                len(live),
                 self._carried,
                 self._durations,
                 _rollout_rows(self._rollouts()),
@@ -629,12 +699,6 @@ class Metrics:
             return text, False
         body = await loop.run_in_executor(self._executor, gzip.compress, text, GZIP_LEVEL)
         return body, True
-
-    def _reported(self) -> Iterator[Backend]:
-        self._prune()
-        yield from self._backends()
-        for _, backend in self._lingering:
-            yield backend
 
     def _prune(self) -> None:
         now = time.monotonic()

@@ -17,7 +17,8 @@ from tcpproxy.affinity import ClientHash
 from tcpproxy.backend import Backend
 from tcpproxy.balancer import SmoothWeightedRoundRobin
 from tcpproxy.config import HealthCheckConfig, ListenerConfig, RolloutConfig
-from tcpproxy.rollout import PAUSED, RUNNING, Rollout, Sample, split_weights
+from tcpproxy.fleet import FleetJudge
+from tcpproxy.rollout import PAUSED, RUNNING, Rollout, Sample, pair_weights
 from tcpproxy.table import BackendKey, backend_key
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class BackendPool:
         self.rollout: Rollout | None = None
         self._rollout_share = 0
         self._rollout_handle: asyncio.TimerHandle | None = None
+        self._judge: FleetJudge | None = None
+        self._effective: dict[str, int] = {}
         self._history: deque[tuple[float, dict[str, int]]] = deque(maxlen=HISTORY_SAMPLES)
         self._history_handle: asyncio.TimerHandle | None = None
         self._on_forgotten = on_forgotten  # a draining backend was forgotten
@@ -85,6 +88,8 @@ class BackendPool:
             backend.weight = cfg.weight
             ordered.append(backend)
         self._ordered = ordered
+        # In file order, a re-added backend in its place rather than last (/status, the page).
+        self.backends = {backend.key: backend for backend in ordered}
         if self._history_handle is None:
             self._history_handle = self.loop.call_later(HISTORY_INTERVAL_S, self._sample_history)
         self._configure_rollout(None if retired else config.rollout)
@@ -101,6 +106,7 @@ class BackendPool:
         if self._rollout_handle is not None:
             self._rollout_handle.cancel()
             self._rollout_handle = None
+        self._stop_judge()
         if self._history_handle is not None:
             self._history_handle.cancel()
             self._history_handle = None
@@ -163,11 +169,9 @@ class BackendPool:
         return out
 
     def effective_weight(self, backend: Backend) -> int:
-        rollout = self.rollout
-        if rollout is not None and backend.name in (rollout.config.from_, rollout.config.to):
-            a, b = split_weights(self._rollout_share)
-            return b if backend.name == rollout.config.to else a
-        return backend.weight
+        """The weight new connections follow: the configured one, or under a rollout the
+        pair's split (see pair_weights; reduced, so compare shares, not numbers)."""
+        return self._effective.get(backend.name, backend.weight)
 
     def rollout_split(self) -> tuple[str, str, int] | None:
         """(from, to, to's share in percent) while a rollout overrides the pair's weights."""
@@ -177,9 +181,15 @@ class BackendPool:
         return rollout.config.from_, rollout.config.to, self._rollout_share
 
     def _rebuild_balancer(self) -> None:
-        self.balancer = SmoothWeightedRoundRobin(
-            [(b, self.effective_weight(b)) for b in self._ordered]
-        )
+        weights = {b.name: b.weight for b in self._ordered}
+        rollout = self.rollout
+        if rollout is not None and {rollout.config.from_, rollout.config.to} <= weights.keys():
+            rollout.pair_weight = weights[rollout.config.from_] + weights[rollout.config.to]
+            weights = pair_weights(
+                weights, rollout.config.from_, rollout.config.to, self._rollout_share
+            )
+        self._effective = weights
+        self.balancer = SmoothWeightedRoundRobin([(b, weights[b.name]) for b in self._ordered])
         self.affinity = None
         if self._balance == "client_hash":
             # Configured weights: the rollout's pair is one group of their sum, split inside.
@@ -187,28 +197,115 @@ class BackendPool:
                 [(b, b.name, b.weight) for b in self._ordered], self.rollout_split()
             )
 
+    def _log_rollout(self, level: int, event: str, **fields: object) -> None:
+        rollout = self.rollout
+        assert rollout is not None
+        log.log(
+            level,
+            "%s: rollout %s -> %s %s",
+            self.listener,
+            rollout.config.from_,
+            rollout.config.to,
+            event,
+            extra={"listener": self.listener, "rollout": rollout.state, **fields},
+        )
+
     def _configure_rollout(self, config: RolloutConfig | None) -> None:
-        current = self.rollout.config if self.rollout is not None else None
-        if config == current:
-            return  # unchanged by this reload: the rollout keeps its state
+        now = time.time()
+        current = self.rollout
+        identity = config.identity(self.listener) if config is not None else None
+        if current is not None and current.identity == identity:
+            assert config is not None
+            if config != current.config:
+                self._update_rollout(current, config, now)
+            return  # the same rollout: it keeps its state and its clock
         if self._rollout_handle is not None:
             self._rollout_handle.cancel()
             self._rollout_handle = None
+        self._stop_judge()
         self.rollout = None
-        if config is None:
+        if config is None or identity is None:
             return
-        self.rollout = Rollout(config, time.time())
-        self._rollout_share = self.rollout.share(time.time())
-        log.info(
-            "%s: rollout %s -> %s started at step %d (%d%%)",
-            self.listener,
-            config.from_,
-            config.to,
-            self.rollout.step(time.time()) + 1,
-            self._rollout_share,
-            extra={"listener": self.listener, "rollout": "started"},
+        rollout = self.rollout = Rollout(config, identity, now)
+        self._rollout_share = rollout.share(now)
+        steps = len(config.steps)
+        where = (
+            f"at step {min(rollout.step(now), steps - 1) + 1} of {steps}"
+            if rollout.state in (RUNNING, PAUSED)
+            else f"as {rollout.state}"
         )
+        self._log_rollout(
+            logging.INFO,
+            f"started {where} ({rollout.state}, {self._rollout_share}% of the pair's new "
+            f"connections to {config.to})"
+            + ("; asking Prometheus before any goes to it" if rollout.awaiting_fleet else ""),
+            rollout_id=identity,
+        )
+        self._start_judge()
         self._rollout_tick()
+
+    def _update_rollout(self, rollout: Rollout, config: RolloutConfig, now: float) -> None:
+        """A reload changed the operator's decisions or the thresholds of the running
+        rollout: apply them, log what changed, keep everything else."""
+        before = rollout.state
+        judge_before = rollout.config.abort.prometheus
+        rollout.update(config)
+        after = rollout.state
+        if after != before:
+            what = "resumed" if after == RUNNING else after
+            self._log_rollout(
+                logging.WARNING if after == "aborted" else logging.INFO,
+                f"{what} by the config file"
+                + (f": {rollout.reason}" if after == "aborted" else ""),
+            )
+        if config.abort.prometheus != judge_before:
+            self._stop_judge()
+        if self._judge is None:
+            self._start_judge()
+        if self._rollout_handle is not None:
+            self._rollout_handle.cancel()
+        self._rollout_tick()
+
+    def _start_judge(self) -> None:
+        rollout = self.rollout
+        if rollout is None or rollout.config.abort.prometheus is None:
+            if rollout is not None:
+                rollout.awaiting_fleet = False
+            return
+        if rollout.state not in (RUNNING, PAUSED):
+            rollout.awaiting_fleet = False
+            return
+        self._judge = FleetJudge(
+            self.listener,
+            rollout.identity,
+            rollout.config,
+            up=self.metrics.rollout_prometheus_up,
+            errors=self.metrics.rollout_prometheus_errors,
+            on_abort=self._fleet_abort,
+            on_answer=self._fleet_answered,
+        )
+        self._judge.start()
+
+    def _stop_judge(self) -> None:
+        if self._judge is not None:
+            self._judge.stop()
+            self._judge = None
+
+    def _fleet_abort(self, reason: str) -> None:
+        rollout = self.rollout
+        if rollout is not None and rollout.abort(f"{reason} (Prometheus)"):
+            self._log_rollout(logging.WARNING, f"aborted: {rollout.reason}")
+            self._apply_rollout_share(time.time())
+
+    def _fleet_answered(self, ok: bool) -> None:
+        rollout = self.rollout
+        if rollout is None:
+            return
+        if rollout.awaiting_fleet:
+            rollout.awaiting_fleet = False  # an answer, or an outage: judge as it says
+            self._apply_rollout_share(time.time())
+        if rollout.state not in (RUNNING, PAUSED):
+            self._stop_judge()
 
     def _rollout_tick(self) -> None:
         self._rollout_handle = None
@@ -220,18 +317,13 @@ class BackendPool:
         if target is not None:
             failures = sum(target.connect_failures.values())
             sample = Sample(now, target.total + failures, failures)
-            event = rollout.advance(now, sample, target.up)
+            # While the fleet's judge answers, this replica's own few connects do not
+            # decide alone: the fleet's numbers do.
+            judge_here = self._judge is None or not self._judge.answering
+            event = rollout.advance(now, sample, target.up, judge_here)
             if event is not None:
                 level = logging.WARNING if event.startswith("aborted") else logging.INFO
-                log.log(
-                    level,
-                    "%s: rollout %s -> %s %s",
-                    self.listener,
-                    rollout.config.from_,
-                    rollout.config.to,
-                    event,
-                    extra={"listener": self.listener, "rollout": rollout.state},
-                )
+                self._log_rollout(level, event)
         self._apply_rollout_share(now)
         if rollout.state in (RUNNING, PAUSED):
             # Tick at the next step boundary (plus a hair), or sooner to check for aborts.
@@ -240,28 +332,37 @@ class BackendPool:
             if next_change is not None:
                 tick = min(tick, next_change + 0.001)
             self._rollout_handle = self.loop.call_later(tick, self._rollout_tick)
+        else:
+            self._stop_judge()
 
     def _apply_rollout_share(self, now: float) -> None:
-        assert self.rollout is not None
-        share = self.rollout.share(now)
-        self.rollout.applied_step = self.rollout.step(now)
-        self.rollout.applied_share = share
+        rollout = self.rollout
+        assert rollout is not None
+        share = rollout.share(now)
+        rollout.applied_step = rollout.step(now)
+        rollout.applied_share = share
         if share != self._rollout_share:
             self._rollout_share = share
             self._rebuild_balancer()
+            steps = rollout.config.steps
+            where = (
+                f"step {min(rollout.applied_step, len(steps) - 1) + 1} of {len(steps)}"
+                if rollout.state in (RUNNING, PAUSED)
+                else rollout.state
+            )
             log.info(
-                "%s: rollout step %d: %d%% of new connections to %s",
+                "%s: rollout %s: %d%% of the pair's new connections to %s",
                 self.listener,
-                self.rollout.step(now) + 1,
+                where,
                 share,
-                self.rollout.config.to,
-                extra={"listener": self.listener, "rollout": self.rollout.state, "share": share},
+                rollout.config.to,
+                extra={"listener": self.listener, "rollout": rollout.state, "share": share},
             )
 
     def control_rollout(self, action: str, by: str, client: str | None = None) -> bool:
-        """pause, resume or abort, asked for `by` someone (for the log and the abort
-        reason; `client`: their address, logged as a field); False when the rollout is not
-        in a state that allows it."""
+        """pause, resume or abort on this replica only, asked for `by` someone (for the log
+        and the abort reason; `client`: their address, logged as a field); False when the
+        rollout is not in a state that allows it."""
         rollout = self.rollout
         if rollout is None:
             return False
@@ -276,13 +377,15 @@ class BackendPool:
             raise ValueError(action)
         if done:
             log.warning(
-                "%s: rollout %s by %s",
+                "%s: rollout %s on this replica by %s",
                 self.listener,
                 {"pause": "paused", "resume": "resumed", "abort": "aborted"}[action],
                 by,
                 extra={"listener": self.listener, "rollout": rollout.state, "client": client},
             )
             self._apply_rollout_share(now)
+            if rollout.state not in (RUNNING, PAUSED):
+                self._stop_judge()
         return done
 
     def _configure_health_checks(self, check: HealthCheckConfig | None) -> None:

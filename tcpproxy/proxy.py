@@ -22,7 +22,7 @@ from tcpproxy.config import (
 from tcpproxy.config_worker import ConfigParser
 from tcpproxy.listener import Listener, Server
 from tcpproxy.metrics import DEFAULT_LINGER_S, Metrics
-from tcpproxy.rollout import Rollout
+from tcpproxy.rollout import Rollout, schedule_problems
 from tcpproxy.table import ListenerPlan, Plan, Table, diff
 
 log = logging.getLogger("tcpproxy")
@@ -139,6 +139,15 @@ class Proxy:
                     )
                     self._record(result)
                     return result
+                if trigger in ("sighup", "admin"):
+                    # Asked for by someone: say it was heard (the watch and poll stay quiet).
+                    log.info(
+                        "config unchanged from %s sha256=%s (%s): nothing to apply",
+                        self.config_path,
+                        sha256,
+                        trigger,
+                        extra={"sha256": sha256, "result": "unchanged", "trigger": trigger},
+                    )
                 return ReloadResult("unchanged", trigger, time.time(), sha256, "no change")
             failure = self.last_failure
             if (
@@ -153,6 +162,8 @@ class Proxy:
                 if self.shutting_down:  # the parse was cut short by shutdown, or outlived it
                     return self._stopping(trigger)
                 plan = await self._apply(loaded)
+                for warning in loaded.warnings():
+                    log.warning(warning)
             except ConfigError as exc:
                 if self.shutting_down:
                     return self._stopping(trigger)
@@ -208,6 +219,9 @@ class Proxy:
                 )
 
     async def _apply(self, loaded: LoadedConfig) -> Plan:
+        running = {lst.name: lst.rollout.identity for lst in self.listeners.values() if lst.rollout}
+        if problems := schedule_problems(loaded.config, loaded.source, time.time(), running):
+            raise ConfigError(problems)
         new_table = Table.from_config(loaded.config)
         draining = frozenset(key for lst in self.all_listeners() for key in lst.draining)
         plan = diff(self.table, new_table, draining)

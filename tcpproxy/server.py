@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from tcpproxy import limits
 from tcpproxy.admin import AdminOptions, start_admin
 from tcpproxy.config import ConfigError
+from tcpproxy.logs import plural
 from tcpproxy.proxy import Proxy, os_error_text
 from tcpproxy.reloader import Reloader
 from tcpproxy.settings import Settings
@@ -110,7 +111,7 @@ async def _serve(
     try:
         await proxy.start()
     except ConfigError as exc:
-        for problem in exc.problems:
+        for problem in settings.hint_missing_config(exc.problems):
             print(problem, file=sys.stderr)
         return 1
     if proxy.applied is not None:
@@ -120,7 +121,16 @@ async def _serve(
         try:
             runner = await start_admin(proxy, settings.admin, AdminOptions.from_settings(settings))
         except OSError as exc:
-            print(f"--admin {settings.admin}: cannot listen: {os_error_text(exc)}", file=sys.stderr)
+            origin = settings.origin("admin")
+            if origin is None:
+                where = f"the admin server's default address {settings.admin}"
+            else:
+                where = f"{origin}{' ' if origin.startswith('--') else '='}{settings.admin}"
+            print(
+                f"{where}: cannot listen: {os_error_text(exc)}"
+                + ("" if origin else " (choose another with --admin HOST:PORT, or --admin off)"),
+                file=sys.stderr,
+            )
             await proxy.shutdown(0)
             return 1
     reloader = Reloader(
@@ -150,6 +160,13 @@ async def _serve(
     signals.hold_sighup()
     # A second signal, even one that came with the first, ends the wait for connections.
     grace = 0.0 if signals.hurry.is_set() else settings.shutdown_timeout
+    if grace and proxy.open_connections:
+        log.warning(
+            "waiting up to %gs for %s to finish; a second Ctrl-C (SIGINT or SIGTERM) "
+            "closes them now",
+            grace,
+            plural(proxy.open_connections, "open connection"),
+        )
     shutdown = asyncio.ensure_future(proxy.shutdown(grace))
     hurried = asyncio.ensure_future(signals.hurry.wait())
     await asyncio.wait((shutdown, hurried), return_when=asyncio.FIRST_COMPLETED)

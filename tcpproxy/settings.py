@@ -15,6 +15,7 @@ from pydantic import (
     BeforeValidator,
     ByteSize,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     model_validator,
@@ -148,6 +149,29 @@ class Settings(BaseSettings):
     admin_read_timeout: Annotated[Duration, Field(gt=0)] = DEFAULT_ADMIN_READ_TIMEOUT_S
     # Open admin connections at most.
     admin_max_connections: Annotated[int, Field(ge=1)] = DEFAULT_ADMIN_MAX_CONNECTIONS
+    # The settings given as command-line flags (load_settings), for origin().
+    _flags: frozenset[str] = PrivateAttr(default=frozenset())
+
+    def origin(self, field: str) -> str | None:
+        """How the user set `field`, as they wrote it (`--admin`, `TCPPROXY_ADMIN`), or None
+        when it is the default: a message then names the setting, not a flag never given."""
+        if field in self._flags:
+            return "--" + field.replace("_", "-")
+        if field in self.model_fields_set:
+            return f"{self.model_config.get('env_prefix', '')}{field}".upper()
+        return None
+
+    def hint_missing_config(self, problems: list[str]) -> list[str]:
+        """`problems`, with a hint on "file not found" for a config path nobody chose: it is
+        the default, relative to the working directory."""
+        if self.origin("config") is not None or self.config.is_absolute():
+            return problems
+        hint = (
+            f" (the default config path, relative to {Path.cwd()}: give one with --config "
+            "PATH or TCPPROXY_CONFIG)"
+        )
+        missing = f"{self.config}: file not found"
+        return [problem + hint if problem == missing else problem for problem in problems]
 
     @model_validator(mode="after")
     def _one_token_source(self) -> Settings:
@@ -167,7 +191,7 @@ def load_settings(**overrides: object) -> Settings:
     """Settings from flags (`overrides`, None meaning not given), then env, then defaults."""
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        return Settings(**given)  # type: ignore[arg-type]
+        settings = Settings(**given)  # type: ignore[arg-type]
     except ValidationError as exc:
         lines = []
         for item in exc.errors(include_url=False):
@@ -181,3 +205,5 @@ def load_settings(**overrides: object) -> Settings:
             )
             lines.append(f"{source}: {message}")
         raise SettingsError("\n".join(lines)) from None
+    settings._flags = frozenset(given)
+    return settings

@@ -45,7 +45,13 @@ class ListenerPlan:
     removed: tuple[BackendConfig, ...] = ()  # start draining
     reweighted: tuple[BackendConfig, ...] = ()  # new weight, same identity
     rebound: bool = False
-    options_changed: bool = False  # timeouts, limits or backend order
+    # What else changed, as the log says it: "idle_timeout changed", "rollout added",
+    # "backend order changed".
+    changed_options: tuple[str, ...] = ()
+
+    @property
+    def options_changed(self) -> bool:
+        return bool(self.changed_options)
 
     @property
     def is_noop(self) -> bool:
@@ -87,15 +93,32 @@ class Plan:
             ]
             if p.rebound:
                 bits.append(f"moved to {p.config.bind}")
-            if p.options_changed and not bits:
-                bits.append("options changed")
+            bits += p.changed_options
             parts.append(f"{p.config.name}: {'; '.join(bits)}")
         return "; ".join(parts) or "no change"
 
 
-def _listener_options(lst: ListenerConfig) -> tuple[object, ...]:
-    dumped = lst.model_dump(exclude={"name", "bind", "backends"})
-    return (tuple(sorted(dumped.items())), tuple(b.name for b in lst.backends))
+def _changed_options(old: ListenerConfig, new: ListenerConfig) -> tuple[str, ...]:
+    """Every option (not backends, not bind) that differs, in words, in field order."""
+    before = old.model_dump(exclude={"name", "bind", "backends"})
+    after = new.model_dump(exclude={"name", "bind", "backends"})
+    out = []
+    for key, value in after.items():
+        if before[key] == value:
+            continue
+        if before[key] is None:
+            out.append(f"{key} added")
+        elif value is None:
+            out.append(f"{key} removed")
+        else:
+            out.append(f"{key} changed")
+    # The order is the status page's and the balancer's tie-break: a change is a change.
+    kept = {b.name for b in old.backends} & {b.name for b in new.backends}
+    if [b.name for b in old.backends if b.name in kept] != [
+        b.name for b in new.backends if b.name in kept
+    ]:
+        out.append("backend order changed")
+    return tuple(out)
 
 
 def diff(old: Table, new: Table, draining: frozenset[BackendKey] = frozenset()) -> Plan:
@@ -130,7 +153,7 @@ def diff(old: Table, new: Table, draining: frozenset[BackendKey] = frozenset()) 
                 removed=removed,
                 reweighted=tuple(reweighted),
                 rebound=before.bind != lst.bind,
-                options_changed=_listener_options(before) != _listener_options(lst),
+                changed_options=_changed_options(before, lst),
             )
         )
     for name, lst in old.listeners.items():

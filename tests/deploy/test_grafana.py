@@ -16,7 +16,7 @@ from tcpproxy.metrics import Metrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "tcpproxy.json"
 GRID_COLUMNS = 24
-LABELS = {"listener", "backend", "direction", "reason", "result", "version", "le"}
+LABELS = {"listener", "backend", "direction", "reason", "result", "version", "le", "state"}
 # What the issue asks the dashboard to show, as the metric each view is built on.
 REQUIRED = {
     "tcpproxy_connections_total",  # share of new connections per backend
@@ -25,6 +25,10 @@ REQUIRED = {
     "tcpproxy_backend_connect_failures_total",
     "tcpproxy_backend_draining",
     "tcpproxy_config_reloads_total",  # reload failures
+    "tcpproxy_rollout_step",
+    "tcpproxy_rollout_share_percent",
+    "tcpproxy_rollout_state",
+    "tcpproxy_rollout_weight",  # the weight share with a rollout's weights in place
 }
 
 
@@ -94,6 +98,39 @@ def test_share_of_new_connections_per_backend(dashboard: Any) -> None:
     assert "group_left sum by (listener) (rate(tcpproxy_connections_total" in denominator
     assert share["fieldConfig"]["defaults"]["unit"] == "percentunit"
     assert "{{backend}}" in target["legendFormat"]
+
+
+def test_weight_share_puts_a_rollouts_weights_in_place_of_the_configured_ones(
+    dashboard: Any,
+) -> None:
+    """A running rollout overrides its two backends' weights: the weight share must show
+    the rollout's (tcpproxy_rollout_weight), and the configured weight of the others."""
+    [panel] = [p for p in panels(dashboard) if p["title"].startswith("Weight share")]
+    [target] = panel["targets"]
+    weights = (
+        '(max by (listener, backend) (tcpproxy_rollout_weight{listener=~"$listener"}) or '
+        'max by (listener, backend) (tcpproxy_backend_weight{listener=~"$listener"}))'
+    )
+    assert (
+        target["expr"] == f"{weights} / ignoring (backend) group_left sum by (listener) {weights}"
+    )
+    assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"
+
+
+def test_has_rollout_panels(dashboard: Any) -> None:
+    by_metric = {
+        name: [
+            p["title"] for p in panels(dashboard) if any(name in t["expr"] for t in p["targets"])
+        ]
+        for name in (
+            "tcpproxy_rollout_share_percent",
+            "tcpproxy_rollout_step",
+            "tcpproxy_rollout_state",
+        )
+    }
+    assert all(by_metric.values()), by_metric
+    names = [a["name"] for a in dashboard["annotations"]["list"]]
+    assert "Rollout steps" in names
 
 
 def test_imports_with_a_data_source_chosen_on_import(dashboard: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .tools import K8S_DIR, check_route_config, find_tool, parse_duration, run
+from .tools import K8S_DIR, REPO_ROOT, check_route_config, find_tool, parse_duration, run
 
 # The oldest Kubernetes the manifests need (native sidecars, preStop sleep on by default) and
 # the newest the offline schemas know.
@@ -93,6 +94,7 @@ def test_tree_has_the_expected_kustomizations() -> None:
         "components/internal-lb",
         "components/gke-podmonitoring",
         "components/servicemonitor",
+        "components/image",
     } <= set(COMPONENTS)
 
 
@@ -472,6 +474,48 @@ def test_demo_backends_run_the_echo_command() -> None:
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         assert container["args"] == ["echo", "--listen", "0.0.0.0:9000", "--name", version]
         assert named(docs, "Service", f"tcp-echo-{version}")["spec"]["ports"][0]["port"] == 9000
+
+
+def _readme_image_command() -> str:
+    """The README's command that points the manifests at a pushed image (a `sed -i`, with a
+    backslash continuation)."""
+    text = (REPO_ROOT / "README.md").read_text()
+    match = re.search(r"^ *(sed -i .*?deploy/k8s/\S+)$", text, re.MULTILINE | re.DOTALL)
+    assert match, "README has no `sed -i ... deploy/k8s/...` command for the image"
+    return match.group(1)
+
+
+def test_the_readme_command_sets_the_image_of_every_example(tmp_path: Path) -> None:
+    """One place sets the image: after the README's command, in a copy of the tree, every
+    container of every kustomization runs the pushed image and none the placeholder."""
+    shutil.copytree(K8S_DIR, tmp_path / "deploy" / "k8s")
+    (tmp_path / "README.md").write_text((REPO_ROOT / "README.md").read_text())
+    pushed = "europe-docker.pkg.dev/proj/tcpproxy/tcpproxy:9.8.7"
+    run(["env", f"IMAGE={pushed}", "bash", "-ec", _readme_image_command()], cwd=tmp_path)
+    for directory in KUSTOMIZATIONS:
+        out = run([find_tool("kubectl"), "kustomize", str(tmp_path / "deploy/k8s" / directory)])
+        docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+        images = {
+            container["image"]
+            for deployment in by_kind(tuple(docs), "Deployment")
+            for container in pod_containers(deployment["spec"]["template"]["spec"])
+        }
+        assert images == {pushed}, (directory, images)
+
+
+@pytest.mark.parametrize("directory", [d for d in KUSTOMIZATIONS if d.startswith("examples/")])
+def test_every_example_includes_the_backends_it_routes_to(directory: str) -> None:
+    """An example applies as it is: every backend its routes name is a Service in it."""
+    docs = render(directory)
+    services = {s["metadata"]["name"] for s in by_kind(docs, "Service")}
+    routed = [
+        backend["address"].rpartition(":")[0]
+        for _, _, text in mounted_route_configs(docs)
+        for listener in yaml.safe_load(text)["listeners"]
+        for backend in listener["backends"]
+    ]
+    missing = sorted({host for host in routed if host not in services})
+    assert missing == [], f"{directory} routes to Services it does not include: {missing}"
 
 
 def test_every_image_is_the_one_built_here() -> None:

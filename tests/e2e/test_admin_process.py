@@ -93,7 +93,11 @@ def test_run_with_a_token_file_on_every_interface(
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     messages = [line["message"] for line in lines]
     assert any("control endpoints need the admin token" in m for m in messages), messages
-    [paused_line] = [line for line in lines if "rollout paused by an admin API" in line["message"]]
+    [paused_line] = [
+        line
+        for line in lines
+        if "rollout paused on this replica by an admin API" in line["message"]
+    ]
     assert paused_line["message"].endswith("with the admin token")
     assert paused_line["client"].startswith("127.0.0.1:")
     assert TOKEN not in err

@@ -8,10 +8,13 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tcpproxy.demo import DEMO_CONFIG
 from tests.e2e.processes import REPO, START_S, TCPPROXY, Process, http, port_open
@@ -93,6 +96,78 @@ def test_check_valid_invalid_and_missing(tmp_path: Path) -> None:
     )
     assert missing.returncode == 1
     assert missing.stderr == f"{tmp_path / 'nope.yaml'}: file not found\n"
+
+
+def without_tcpproxy_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TCPPROXY_")}
+
+
+def test_check_outside_the_checkout_says_the_default_path_is_relative(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*TCPPROXY, "check"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=without_tcpproxy_env(),
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"config/tcpproxy.yaml: file not found (the default config path, relative to "
+        f"{tmp_path}: give one with --config PATH or TCPPROXY_CONFIG)\n"
+    )
+
+
+def test_check_warns_when_every_weight_is_zero_and_counts_in_words(tmp_path: Path) -> None:
+    path = tmp_path / "dark.yaml"
+    path.write_text(config_yaml(listener_yaml("app", free_port(), {"v1": ("127.0.0.1:1", 0)})))
+    result = subprocess.run(
+        [*TCPPROXY, "check", "--config", str(path)], check=False, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"{path}: listeners[0].backends: every weight is 0")
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stdout.startswith(f"{path}: ok (1 listener, 1 backend, sha256 ")
+
+
+def test_echo_with_a_bad_address_is_one_line_and_exit_2() -> None:
+    code, _, err = Process("echo", "--listen", "nonsense", "--name", "x").wait()
+    assert (code, err) == (2, "--listen: invalid address 'nonsense': expected host:port\n")
+
+
+def test_rollout_status_without_a_proxy_says_connection_refused() -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run(
+        [*TCPPROXY, "rollout", "status", "--admin", address],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"cannot reach the admin server at {address}: Connection refused (")
+    assert "urlopen" not in line
+    assert "Errno" not in line
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_a_taken_admin_address_is_named_as_it_was_given(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(config_yaml(listener_yaml("app", free_port(), {"v1": ("127.0.0.1:1", 1)})))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin = f"127.0.0.1:{taken.getsockname()[1]}"
+        if how == "flag":
+            proc = Process("run", "--config", str(path), "--admin", admin)
+            named = f"--admin {admin}"
+        else:
+            proc = Process("run", "--config", str(path), env={"TCPPROXY_ADMIN": admin})
+            named = f"TCPPROXY_ADMIN={admin}"
+        code, _, err = proc.wait()
+    assert code == 1
+    assert f"{named}: cannot listen: Address already in use\n" in err
+    assert "Traceback" not in err
 
 
 def test_run_with_a_bad_config_exits_1_with_one_line(tmp_path: Path) -> None:
@@ -205,8 +280,11 @@ def test_shutdown_timeout_closes_what_is_left(
 
 
 def test_demo_serves_telnet_on_8008_and_stops_cleanly(tmp_path: Path) -> None:
-    # Run outside the checkout: the demo must work from an installed package, too.
-    proc = Process("demo", cwd=tmp_path)
+    # Run outside the checkout: the demo must work from an installed package, too, and
+    # leave nothing behind in the temporary directory where it keeps its config.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = Process("demo", cwd=tmp_path, env={"TMPDIR": str(temp)})
     try:
         wait_until(lambda: port_open(8008), timeout=START_S, what="demo listening on 8008")
         seen = set()
@@ -230,6 +308,8 @@ def test_demo_serves_telnet_on_8008_and_stops_cleanly(tmp_path: Path) -> None:
         code, out, _ = proc.wait()
         assert code == 0
         assert "telnet localhost 8008" in out
+        assert f"edit {temp}" in out  # the built-in config, copied there
     finally:
         proc.kill()
     assert not port_open(8008)
+    assert list(temp.iterdir()) == []

@@ -188,6 +188,8 @@ def test_during_the_graceful_wait_sighup_is_harmless_and_sigint_ends_it(
         code, _, err = proc.wait(EXIT_S)
         assert code == 0, err
         assert held.is_closed()
+        # The first signal said how long it waits for what, and how to end the wait.
+        assert "for 1 open connection to finish; a second Ctrl-C" in err
     finally:
         held.close()
         proc.kill()

@@ -216,6 +216,7 @@ def test_status_during_a_drain(backends: Backends, start_proxy: Start, admins: S
         assert draining["active_connections"] == 2
         left = draining["drain_seconds_left"]
         assert 0 < left <= 300
+        assert left == round(left, 1), "seconds left to a tenth, not 58.679999999999836"
         # The wall-clock deadline and the seconds left tell the same story: the deadline less
         # the seconds left is when /status answered.
         answered_at = draining["drain_deadline"] - left

@@ -248,8 +248,10 @@ def test_the_log_names_the_client(
     [refused] = [line for line in lines if "refused POST /rollout/app/abort" in line]
     assert "from 127.0.0.1:" in refused
     assert "Origin http://x.example" in refused
-    [aborted] = [line for line in lines if "rollout aborted by an admin API request" in line]
-    assert aborted.startswith("app: rollout aborted by an admin API request from 127.0.0.1:")
+    [aborted] = [line for line in lines if "rollout aborted on this replica by an admin" in line]
+    assert aborted.startswith(
+        "app: rollout aborted on this replica by an admin API request from 127.0.0.1:"
+    )
     assert aborted.endswith(" with the admin token")
     [reload] = [line for line in lines if "reload asked for by" in line]
     assert "an admin API request from 127.0.0.1:" in reload

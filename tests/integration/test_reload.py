@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -202,6 +203,21 @@ def test_same_bytes_again_is_not_a_reload(backends: Backends, start_proxy: Start
     assert running.reload_count("success") == 1  # only the start-up
 
 
+def test_an_asked_for_reload_of_the_same_bytes_says_so(
+    backends: Backends, start_proxy: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`kill -HUP` or POST /-/reload with the file unchanged: one line says it was heard;
+    the watch and the poll, which find the same bytes all the time, stay quiet."""
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    running = start_proxy(two_backends(free_port(), v1, v2, 1, 1))
+    with caplog.at_level(logging.INFO, logger="tcpproxy"):
+        for trigger in ("sighup", "admin", "poll", "watch"):
+            assert running.reload(trigger).result == "unchanged"
+    said = [r for r in caplog.records if getattr(r, "result", None) == "unchanged"]
+    assert [getattr(r, "trigger", None) for r in said] == ["sighup", "admin"]
+    assert said[0].getMessage().startswith(f"config unchanged from {running.config_path}")
+
+
 # -- semantics: pinning and draining --
 
 
@@ -307,7 +323,11 @@ def test_drain_closes_are_counted_and_series_go_after_linger(
             what="drain closes counted",
         )
         wait_until(lambda: running.state(lambda p: p.open_connections) == 0, what="all closed")
-        assert running.metric("tcpproxy_backend_draining", **labels) == 1
+        # Drained away: still reported (the linger), but no longer draining.
+        wait_until(
+            lambda: running.metric("tcpproxy_backend_draining", **labels) == 0,
+            what="draining 0 once drained away",
+        )
         assert running.metric("tcpproxy_connections_total", **labels) == 3
         skew[0] = 601.0
         wait_until(
@@ -345,6 +365,8 @@ def test_backend_put_back_before_deadline_is_active_again(
         assert deadline is not None
         assert running.backend_stat("app", "v1", "state") == "active"
         assert running.backend_stat("app", "v1", "drain_deadline") is None
+        # Listed where the file has it (first), not after the backends that stayed.
+        assert running.state(lambda p: [b.name for b in p.all_backends()]) == ["v1", "v2"]
         # Past the old deadline, on the proxy's own clock: its timers in order, so anything
         # the old deadline would have done is done by then. The connections are still served.
         running.thread.run(sleep_until(deadline + DRAIN_CLOSE_WINDOW_S))

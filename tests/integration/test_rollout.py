@@ -6,7 +6,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -57,6 +57,30 @@ def rollout_state(running: RunningProxy) -> dict[str, object]:
     return running.state(read)
 
 
+def effective_weights(running: RunningProxy) -> dict[str, int]:
+    """The weights the listener's balancer follows now, by backend."""
+
+    def read(proxy: Proxy) -> dict[str, int]:
+        listener = proxy.listeners["app"]
+        return {b.name: listener.effective_weight(b) for b in listener.all_backends()}
+
+    return running.state(read)
+
+
+def exported_rollout_weights(running: RunningProxy) -> dict[str, float | None]:
+    return {
+        name: running.metric("tcpproxy_rollout_weight", listener="app", backend=name)
+        for name in ("v1", "v2")
+    }
+
+
+def shares(weights: Mapping[str, float | None]) -> dict[str, float]:
+    """Each weight's part of their sum: the balancer's weights are reduced, the exported
+    ones on the configured scale, and the shares are what both must agree on."""
+    total = sum(w or 0 for w in weights.values())
+    return {name: round((w or 0) / total, 9) for name, w in weights.items()}
+
+
 def after_a_tick(running: RunningProxy) -> None:
     """Return once a rollout tick has run after this call began (they run at least every
     ROLLOUT_TICK_MAX_S, by the proxy's loop clock)."""
@@ -86,6 +110,7 @@ def test_steps_move_the_share_then_complete_at_100(
         seen = greetings(port, 8)
         assert rollout_state(running)["step"] == step, "the step changed while counting"
         observed[share] = seen["v2"] / 8
+        assert shares(exported_rollout_weights(running)) == shares(effective_weights(running))
     assert observed == {25: 0.25, 50: 0.5, 75: 0.75}
     assert running.metric("tcpproxy_rollout_share_percent", listener="app", backend="v2") == 75
     assert running.metric("tcpproxy_rollout_step", listener="app") == 3
@@ -93,6 +118,8 @@ def test_steps_move_the_share_then_complete_at_100(
     wait_until(lambda: rollout_state(running)["state"] == "completed", what="completed")
     assert running.metric("tcpproxy_rollout_state", listener="app", state="completed") == 1
     assert greetings(port, 8) == {"v2": 8}
+    assert exported_rollout_weights(running) == {"v1": 0, "v2": 1}  # v1's weight 1, all to v2
+    assert effective_weights(running) == {"v1": 0, "v2": 1}
 
 
 def test_failures_in_the_new_backend_abort_and_leave_its_connections(
@@ -210,3 +237,98 @@ def test_restart_with_started_at_resumes_at_the_right_step(
         assert state["share"] == 90
     finally:
         running.shutdown()
+
+
+def test_a_rollout_beside_a_third_backend_moves_only_the_pairs_share(
+    backends: Backends, start_proxy: Start
+) -> None:
+    """v1 80 and v2 20; a rollout from v1 to v3 (weight 0) at 50%: v2 keeps its 20%, v1 and
+    v3 split v1's 80%. After an abort v1 has all 80% back; v2 never moves."""
+    v1, v2, v3 = backends.start("v1"), backends.start("v2"), backends.start("v3")
+    port = free_port()
+    text = listener_yaml("app", port, {"v1": (v1, 80), "v2": (v2, 20), "v3": (v3, 0)})
+    block = "    rollout:\n      from: v1\n      to: v3\n      steps: [50, 100]\n"
+    running = start_proxy(config_yaml(text + block + "      step_duration: 1h\n"))
+    # The balancer's exact cycle is 5 here (v1 2, v2 1, v3 2): 10 connections, exact shares.
+    assert greetings(port, 10) == {"v1": 4, "v2": 2, "v3": 4}
+    assert running.state(lambda p: p.listeners["app"].control_rollout("abort", "a test"))
+    assert greetings(port, 10) == {"v1": 8, "v2": 2}
+
+
+def test_decisions_written_in_the_file_steer_the_rollout_and_outlive_a_restart(
+    backends: Backends,
+    loop_thread: LoopThread,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = move_wall_clock(monkeypatch)
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    begun = datetime.fromtimestamp(time.time() - 60, UTC).isoformat()
+    base = rollout_yaml(port, (v1, v2), "[10, 50]", "1h", extra=f'started_at: "{begun}"\n')
+    path = tmp_path / "tcpproxy.yaml"
+    path.write_text(base)
+    running = RunningProxy(loop_thread, path)
+    cli = [sys.executable, "-m", "tcpproxy", "rollout"]
+    try:
+        out = subprocess.run(
+            [*cli, "pause", "--config", str(path)], capture_output=True, text=True, check=True
+        )
+        assert "paused at" in out.stdout
+        assert path.read_text().startswith(base.rstrip("\n"))  # only a key added at the end
+        assert running.reload().result == "success"
+        clock.offset_s = 3 * 3600  # long past the first step: held at the pause's instant
+        after_a_tick(running)
+        assert rollout_state(running)["state"] == "paused"
+        assert rollout_state(running)["step"] == 1
+        out = subprocess.run(
+            [*cli, "abort", "--config", str(path), "--reason", "v2 loses carts"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert running.reload().result == "success"
+        assert rollout_state(running)["state"] == "aborted"
+        assert rollout_state(running)["reason"] == "v2 loses carts"
+        assert greetings(port, 4) == {"v1": 4}
+    finally:
+        running.shutdown()
+    restarted = RunningProxy(loop_thread, path)  # a new process reads the same file
+    try:
+        assert rollout_state(restarted)["state"] == "aborted"
+        assert greetings(port, 4) == {"v1": 4}
+    finally:
+        restarted.shutdown()
+
+
+def test_a_schedule_that_ended_before_it_was_seen_is_refused_and_the_old_config_serves(
+    backends: Backends, start_proxy: Start, tmp_path: Path
+) -> None:
+    v1, v2 = backends.start("v1"), backends.start("v2")
+    port = free_port()
+    running = start_proxy(config_yaml(listener_yaml("app", port, {"v1": (v1, 1), "v2": (v2, 0)})))
+    last_week = datetime.fromtimestamp(time.time() - 7 * 86400, UTC).isoformat()
+    stale = rollout_yaml(
+        port, (v1, v2), "[5, 25, 50, 100]", "10m", extra=f'started_at: "{last_week}"\n'
+    )
+    running.write_config(stale)
+    result = running.reload()
+    assert result.result == "failure"
+    (problem,) = result.problems
+    assert "listeners[0].rollout.started_at: the whole schedule (4 steps of 10m) ended" in problem
+    assert greetings(port, 4) == {"v1": 4}  # the old config serves
+    path = tmp_path / "stale.yaml"
+    path.write_text(stale)
+    check = subprocess.run(
+        [sys.executable, "-m", "tcpproxy", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 1
+    assert check.stderr.startswith(f"{path}: listeners[0].rollout.started_at: the whole")
+    # Said to be completed: accepted, and all of the pair's share goes to v2.
+    running.write_config(stale.replace("    rollout:\n", "    rollout:\n      completed: true\n"))
+    assert running.reload().result == "success"
+    assert rollout_state(running)["state"] == "completed"
+    assert greetings(port, 4) == {"v2": 4}

@@ -505,7 +505,8 @@ def test_good_bind_and_backend_address(text: str, expected: tuple[str, int]) -> 
     assert (lst.backends[0].host, lst.backends[0].port) == expected
 
 
-@pytest.mark.parametrize("text", [*BAD_ADDRESSES, 8008])
+# ":80" is a bind on every interface (test_a_bind_without_a_host_is_every_interface).
+@pytest.mark.parametrize("text", [*(a for a in BAD_ADDRESSES if a != ":80"), 8008])
 def test_bad_bind_is_one_line_naming_the_field(text: object) -> None:
     doc = document(listener())
     doc["listeners"][0]["bind"] = text
@@ -795,3 +796,65 @@ def test_any_inserted_unknown_key_is_reported_with_its_path(
     problems = problems_of(doc)
 
     assert f"{SOURCE}: {path}{key}: unknown key" in problems
+
+
+# -- what a newcomer writes ------------------------------------------------------------------
+
+
+def one_listener(**options: object) -> dict[str, object]:
+    return {
+        "listeners": [
+            {
+                "name": "app",
+                "bind": "127.0.0.1:8008",
+                "backends": [{"name": "v1", "address": "h1:9000", "weight": 1}],
+                **options,
+            }
+        ]
+    }
+
+
+def test_a_bind_without_a_host_is_every_interface() -> None:
+    (listener,) = parse(one_listener(bind=":8008")).config.listeners
+    assert listener.bind == "0.0.0.0:8008"
+    # As written with the host: the same listener, so a reload between them changes nothing.
+    assert (
+        parse(one_listener(bind="0.0.0.0:8008")).config == parse(one_listener(bind=":8008")).config
+    )
+    assert lines_at(problems_of(one_listener(bind=":0")), "listeners[0].bind")
+
+
+@pytest.mark.parametrize("value", ["-1", "-1s", "-0.5", -1, -0.5])
+def test_a_negative_duration_is_told_it_must_not_be(value: object) -> None:
+    with pytest.raises(ValueError, match=r"must be a finite value >= 0"):
+        parse_duration(value)
+
+
+def test_minus_zero_is_zero() -> None:
+    assert str(parse_duration("-0")) == "0.0"
+
+
+def test_all_weights_zero_is_valid_with_a_warning_naming_the_listener() -> None:
+    doc = one_listener()
+    doc["listeners"].append(  # type: ignore[attr-defined]
+        {
+            "name": "dark",
+            "bind": "127.0.0.1:8009",
+            "backends": [
+                {"name": "v1", "address": "h1:9000", "weight": 0},
+                {"name": "v2", "address": "h2:9000", "weight": 0},
+            ],
+        }
+    )
+    (warning,) = parse(doc).warnings()
+    assert warning.startswith(f"{SOURCE}: listeners[1].backends: every weight is 0")
+    assert_clean_line(warning)
+    assert parse(one_listener()).warnings() == []
+    # A rollout splits the weight its two backends hold together: none is an error.
+    rollout = {"from": "v1", "to": "v2", "steps": [50], "step_duration": "1m"}
+    doc["listeners"][1]["rollout"] = rollout  # type: ignore[index]
+    with pytest.raises(ConfigError) as info:
+        parse(doc)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{SOURCE}: listeners[1].rollout: 'v1' and 'v2' both have weight 0")
+    assert_clean_line(problem)

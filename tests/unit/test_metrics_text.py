@@ -78,8 +78,12 @@ def proxies(draw: st.DrawFn) -> Metrics:
         config = RolloutConfig.model_validate(
             {"from": "b0", "to": "b1", "steps": [5, 50, 100], "step_duration": 60}
         )
-        rollout = Rollout(config, 0.0)
-        rollout.state = draw(st.sampled_from(STATES))
+        rollout = Rollout(config, config.identity(listener), 0.0)
+        state = draw(st.sampled_from(STATES))
+        rollout.local_abort = "judged" if state == "aborted" else None
+        rollout.done = state == "completed"
+        rollout.local_paused_since = 0.0 if state == "paused" else None
+        assert rollout.state == state
         rollout.applied_step = draw(st.integers(0, 5))
         rollout.applied_share = draw(st.integers(0, 100))
         rollouts.append((listener, rollout))

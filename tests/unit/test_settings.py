@@ -262,3 +262,35 @@ def test_admin_limits_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings()
 
     assert (settings.admin_read_timeout, settings.admin_max_connections) == (0.25, 8)
+
+
+def test_origin_names_what_the_user_wrote(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages name the flag or the variable that was set, or neither for a default."""
+    monkeypatch.setenv("TCPPROXY_LOG_LEVEL", "debug")
+    settings = load_settings(admin="127.0.0.1:9999")
+    assert settings.origin("admin") == "--admin"
+    assert settings.origin("log_level") == "TCPPROXY_LOG_LEVEL"
+    assert settings.origin("config") is None
+    assert settings.origin("poll_interval") is None
+
+
+def test_a_missing_default_config_says_it_is_the_relative_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    problems = ["config/tcpproxy.yaml: file not found", "other: problem"]
+    (hinted, other) = load_settings().hint_missing_config(problems)
+    assert hinted.startswith("config/tcpproxy.yaml: file not found (the default config path")
+    assert str(tmp_path) in hinted
+    assert "--config" in hinted
+    assert other == "other: problem"
+    # Chosen by the user: their path, their problem, as it was.
+    assert load_settings(config=Path("config/tcpproxy.yaml")).hint_missing_config(problems) == (
+        problems
+    )
+
+
+def test_a_negative_poll_interval_says_it_must_not_be_negative() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(poll_interval="-1")
+    assert str(info.value) == "--poll-interval: invalid duration '-1': must be a finite value >= 0"

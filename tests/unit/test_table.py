@@ -40,7 +40,7 @@ def only(plan: Plan, name: str) -> ListenerPlan:
 
 def changes(p: ListenerPlan) -> set[str]:
     """The names of the plan's fields that ask for a change."""
-    fields = ("added", "readded", "removed", "reweighted", "rebound", "options_changed")
+    fields = ("added", "readded", "removed", "reweighted", "rebound", "changed_options")
     return {f for f in fields if getattr(p, f)}
 
 
@@ -333,13 +333,32 @@ def test_options_and_backend_order_changes_are_not_noops() -> None:
     slower = table({**BASE, "drain_timeout": "10s"})
     reordered = table(lst("edge", "127.0.0.1:8008", [("v2", "h2:9000", 20), ("v1", "h1:9000", 80)]))
 
-    for new in (slower, reordered):
+    for new, said in ((slower, "drain_timeout changed"), (reordered, "backend order changed")):
         plan = diff(table(BASE), new)
         p = only(plan, "edge")
         assert p.options_changed
-        assert changes(p) == {"options_changed"}
+        assert changes(p) == {"changed_options"}
         assert not plan.is_noop
-        assert "options changed" in plan.summary()
+        assert plan.summary() == f"edge: {said}"
+
+
+def test_the_summary_names_a_rollout_added_changed_or_removed() -> None:
+    rollout = {"from": "v1", "to": "v2", "steps": [10, 100], "step_duration": "1m"}
+    with_rollout = table({**BASE, "rollout": rollout})
+    longer = table({**BASE, "rollout": {**rollout, "step_duration": "2m"}})
+    assert diff(table(BASE), with_rollout).summary() == "edge: rollout added"
+    assert diff(with_rollout, longer).summary() == "edge: rollout changed"
+    assert diff(longer, table(BASE)).summary() == "edge: rollout removed"
+    both = table(
+        {
+            **lst("edge", "127.0.0.1:8008", [("v1", "h1:9000", 70), ("v2", "h2:9000", 30)]),
+            "idle_timeout": "5s",
+            "rollout": rollout,
+        }
+    )
+    assert diff(table(BASE), both).summary() == (
+        "edge: reweighted v1,v2; idle_timeout changed; rollout added"
+    )
 
 
 def test_empty_tables() -> None:
