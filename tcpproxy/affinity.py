@@ -56,11 +56,6 @@ def _mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _unit(x: int) -> float:
-    """(0, 1) from 64 bits: the top 53 bits, offset by half a step so that 0 never occurs."""
-    return ((x >> 11) + 0.5) * _UNIT_STEP
-
-
 def client_key(address: str) -> int:
     """The 64-bit key of a client IP address. An IPv4-mapped IPv6 address (a dual-stack
     listener's view of an IPv4 client) is keyed as the IPv4 address, so that listeners bound
@@ -141,8 +136,9 @@ class ClientHash(Generic[T]):
 
     def _scores(self, key: int) -> tuple[list[float], int]:
         """Each group's score for client `key` (the lowest of its members' -ln(h) / weight),
-        and the index of the lowest. _mix and _unit written out: a pick is on every new
-        connection's path."""
+        and the index of the lowest. _mix written out (a pick is on every new connection's
+        path), then h in (0, 1): the top 53 bits, offset by half a step so that h is never
+        0."""
         log, mask = math.log, _MASK64
         scores = []
         best, best_score = 0, math.inf
