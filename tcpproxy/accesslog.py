@@ -12,6 +12,14 @@ if TYPE_CHECKING:
 access_log = logging.getLogger("tcpproxy.access")
 
 
+def client_text(peer: object) -> str:
+    """A client address as the access log and the admin API write it: ip:port, [v6]:port."""
+    if isinstance(peer, tuple):
+        host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+        return f"{host}:{peer[1]}"
+    return str(peer)
+
+
 class AccessLog:
     def __init__(self, listener: str, loop: asyncio.AbstractEventLoop) -> None:
         self.listener = listener
@@ -25,12 +33,7 @@ class AccessLog:
     def write(self, conn: Connection) -> None:
         # The backend it connected to: "-" for a client that never reached one.
         backend = conn.backend
-        peer = conn.peer
-        if isinstance(peer, tuple):
-            host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
-            client = f"{host}:{peer[1]}"
-        else:
-            client = str(peer)
+        client = client_text(conn.peer)
         access_log.info(
             "%s %s -> %s up=%d down=%d %.3fs %s",
             self.listener,

@@ -91,9 +91,9 @@ def _add_token_flag(parser: argparse.ArgumentParser) -> None:
         "--admin-token-file",
         type=Path,
         metavar="PATH",
-        help="file holding the admin token that reload and rollout control need; or the "
-        "token itself in TCPPROXY_ADMIN_TOKEN. Without one they answer only on a loopback "
-        "admin address [TCPPROXY_ADMIN_TOKEN_FILE]",
+        help="file holding the admin token that reload, rollout control and closing "
+        "connections need; or the token itself in TCPPROXY_ADMIN_TOKEN. Without one they "
+        "answer only on a loopback admin address [TCPPROXY_ADMIN_TOKEN_FILE]",
     )
 
 
@@ -152,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
         "only [TCPPROXY_ADMIN]",
     )
     _add_token_flag(rollout)
+    conns = sub.add_parser(
+        "connections", help="list live connections, or close one or a backend's (via admin)"
+    )
+    conns.add_argument(
+        "action", nargs="?", choices=["close"], metavar="close", help="close instead of list"
+    )
+    conns.add_argument("id", nargs="?", type=int, metavar="ID", help="the connection to close")
+    conns.add_argument("--listener", help="only this listener's")
+    conns.add_argument("--backend", help="only this backend's (close: all of them)")
+    conns.add_argument("--state", help="only in this state (established, half_closed, ...)")
+    conns.add_argument("--older-than", metavar="DURATION", help="only open longer than this")
+    conns.add_argument("--admin", help="admin HOST:PORT of the proxy [TCPPROXY_ADMIN]")
+    _add_token_flag(conns)
     echo = sub.add_parser("echo", help="the demo backend: greets with its name, echoes lines")
     echo.add_argument("--listen", required=True, help="HOST:PORT to listen on")
     echo.add_argument("--name", required=True, help="name in the greeting")
@@ -230,6 +243,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = _settings(args)
             return rollout_cli.rollout_command(
                 settings.admin, args.action, args.listener, admin_token(settings)
+            )
+        if args.command == "connections":
+            from tcpproxy.connections_cli import connections_command  # noqa: PLC0415
+
+            settings = _settings(args)
+            filters = {
+                "listener": args.listener,
+                "backend": args.backend,
+                "state": args.state,
+                "older_than": args.older_than,
+            }
+            return connections_command(
+                settings.admin, args.action, args.id, filters, admin_token(settings)
             )
         if args.command == "echo":
             from tcpproxy.demo import echo_main  # noqa: PLC0415

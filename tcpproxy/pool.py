@@ -185,6 +185,7 @@ class BackendPool:
         rollout = self.rollout
         if rollout is not None and {rollout.config.from_, rollout.config.to} <= weights.keys():
             rollout.pair_weight = weights[rollout.config.from_] + weights[rollout.config.to]
+            rollout.pair_part = rollout.pair_weight / (sum(weights.values()) or 1)
             weights = pair_weights(
                 weights, rollout.config.from_, rollout.config.to, self._rollout_share
             )
@@ -338,6 +339,7 @@ class BackendPool:
     def _apply_rollout_share(self, now: float) -> None:
         rollout = self.rollout
         assert rollout is not None
+        rollout.observe(now)
         share = rollout.share(now)
         rollout.applied_step = rollout.step(now)
         rollout.applied_share = share

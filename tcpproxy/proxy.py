@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ from tcpproxy.rollout import Rollout, schedule_problems
 from tcpproxy.table import ListenerPlan, Plan, Table, diff
 
 log = logging.getLogger("tcpproxy")
+
+# Applied and rejected reloads kept for /status and the status page's chart (newest last).
+RELOAD_HISTORY = 50
 
 
 def os_error_text(exc: OSError) -> str:
@@ -73,6 +77,7 @@ class Proxy:
         self.loaded_at: float | None = None
         self.last_reload: ReloadResult | None = None
         self.last_failure: ReloadResult | None = None
+        self.reloads: deque[ReloadResult] = deque(maxlen=RELOAD_HISTORY)
         self.shutting_down = False
         self._lock = asyncio.Lock()
 
@@ -193,6 +198,7 @@ class Proxy:
 
     def _record(self, result: ReloadResult) -> None:
         self.last_reload = result
+        self.reloads.append(result)
         m = self.metrics
         m.reloads.labels(result.result).inc()
         if result.result == "success":

@@ -4,7 +4,7 @@ half-close timeouts), and each draining backend's deadline."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from tcpproxy import relay
@@ -112,7 +112,12 @@ class Reaper:
             self._idle_interval = None
         self._half_closed = {}
 
-    # -- drain deadlines --
+    # -- drain deadlines, and closing on request --
+
+    def close_soon(self, conns: list[Connection], reason: str) -> None:
+        """Close `conns` over the drain-close window, in steps, the first step at once."""
+        for delay, batch in _in_steps(conns):
+            self.loop.call_later(delay, _close_batch, batch, reason)
 
     def start_draining(self, backend: Backend, now: float, drain_timeout: float) -> None:
         deadline = now + drain_timeout
@@ -123,13 +128,9 @@ class Reaper:
         backend.drain_handle = None
         # Every connection the backend holds, connecting ones included.
         conns = list(backend.connections)
-        if not conns:
-            return
-        step = -(-len(conns) // DRAIN_CLOSE_STEPS)
         deadline = backend.drain_deadline
-        for i in range(0, len(conns), step):
-            delay = DRAIN_CLOSE_WINDOW_S * (i // step) / DRAIN_CLOSE_STEPS
-            self.loop.call_later(delay, self._drain_close, backend, deadline, conns[i : i + step])
+        for delay, batch in _in_steps(conns):
+            self.loop.call_later(delay, self._drain_close, backend, deadline, batch)
 
     def _drain_close(
         self, backend: Backend, deadline: float | None, conns: list[Connection]
@@ -142,3 +143,17 @@ class Reaper:
             if not conn.closed and conn in backend.connections:
                 backend.drain_closed += 1
                 conn.shut(relay.DRAIN_DEADLINE)
+
+
+def _in_steps(conns: list[Connection]) -> Iterator[tuple[float, list[Connection]]]:
+    """`conns` in DRAIN_CLOSE_STEPS batches, each with its delay within DRAIN_CLOSE_WINDOW_S."""
+    if not conns:
+        return
+    step = -(-len(conns) // DRAIN_CLOSE_STEPS)
+    for i in range(0, len(conns), step):
+        yield DRAIN_CLOSE_WINDOW_S * (i // step) / DRAIN_CLOSE_STEPS, conns[i : i + step]
+
+
+def _close_batch(conns: list[Connection], reason: str) -> None:
+    for conn in conns:
+        conn.shut(reason)  # a no-op for one that closed meanwhile

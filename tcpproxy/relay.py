@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import select
@@ -74,6 +75,11 @@ IDLE_TIMEOUT = "idle_timeout"
 DRAIN_DEADLINE = "drain_deadline"
 SHUTDOWN = "shutdown"
 INTERNAL_ERROR = "internal_error"  # a bug in the proxy ended it (logged with a traceback)
+ADMIN_CLOSED = "admin_closed"  # ended through the admin API (DELETE /connections)
+
+# Connection ids: unique in the process and increasing, so an id names one connection for
+# good (never a later one) and id order is age order.
+_ids = itertools.count(1)
 
 
 def _queued(sock: socket.socket, request: int) -> int:
@@ -150,6 +156,7 @@ class Connection:
         "connect_task",
         "deadline",
         "down",
+        "id",
         "idle_mark",
         "idle_since",
         "local",
@@ -174,6 +181,7 @@ class Connection:
     def __init__(
         self, owner: Owner, sock: socket.socket, poller: Poller, peername: object = None
     ) -> None:
+        self.id = next(_ids)
         self.owner = owner
         self.poller = poller
         self.loop = poller.loop

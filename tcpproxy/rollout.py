@@ -21,6 +21,8 @@ PAUSED = "paused"
 COMPLETED = "completed"
 ABORTED = "aborted"
 STATES = (RUNNING, PAUSED, COMPLETED, ABORTED)
+# The time line kept for the status page's chart: this many step starts and pauses.
+TIMELINE_ENTRIES = 64
 
 
 def step_at(steps: tuple[int, ...], step_duration_s: float, elapsed_s: float) -> int:
@@ -151,6 +153,12 @@ class Rollout:
         self.applied_step = 0
         self.applied_share = 0
         self.pair_weight = 0  # weight(from) + weight(to) as configured: what the pair splits
+        self.pair_part = 1.0  # their part of the listener's configured weight
+        # The time line this replica saw, for the status page's chart (see observe): when
+        # each step began, the pauses (until None: still paused), and when it ended.
+        self.step_starts: deque[tuple[float, int]] = deque(maxlen=TIMELINE_ENTRIES)
+        self.pauses: deque[tuple[float, float | None]] = deque(maxlen=TIMELINE_ENTRIES)
+        self.ended_at: float | None = None
 
     def update(self, config: RolloutConfig) -> None:
         """The same rollout (same identity) with other decisions or thresholds from a
@@ -253,6 +261,40 @@ class Rollout:
         self.local_abort = reason
         return True
 
+    def observe(self, now: float) -> None:
+        """Put on the time line what changed since the last call (the listener calls it on
+        every tick and decision). A step's start is placed where its schedule put it, not
+        at the tick that saw it."""
+        state = self.state
+        if state in (COMPLETED, ABORTED):
+            if self.ended_at is None:
+                self.ended_at = now
+                if state == COMPLETED and self.done:  # when the last step's time ran out
+                    count = len(self.config.steps)
+                    length = count * self.config.step_duration
+                    self.ended_at = now - max(0.0, self.elapsed(now) - length)
+                    if not self.step_starts or self.step_starts[-1][1] < count:
+                        self.step_starts.append((self.ended_at, count))
+            if self.pauses and self.pauses[-1][1] is None:
+                self.pauses[-1] = (self.pauses[-1][0], self.ended_at)
+            return
+        step = self.step(now)
+        if not self.step_starts or self.step_starts[-1][1] != step:
+            at = now - max(0.0, self.elapsed(now) - step * self.config.step_duration)
+            if self.step_starts:
+                at = max(at, self.step_starts[-1][0])
+            self.step_starts.append((at, step))
+        open_pause = bool(self.pauses) and self.pauses[-1][1] is None
+        if state == PAUSED and not open_pause:
+            paused_at = _ts(self.config.paused_at)
+            since = paused_at if paused_at is not None else self.local_paused_since
+            self.pauses.append((min(now, since if since is not None else now), None))
+        elif state != PAUSED and open_pause:
+            self.pauses[-1] = (self.pauses[-1][0], now)
+
+    def _share_of(self, index: int) -> int:
+        return self.config.steps[index] if index < len(self.config.steps) else 100
+
     def as_dict(self, now: float) -> dict[str, object]:
         config = self.config
         return {
@@ -271,5 +313,12 @@ class Rollout:
             # The same instant on every replica that follows the same file.
             "next_step_at": None if (change := self.next_change(now)) is None else now + change,
             "awaiting_prometheus": self.awaiting_fleet,
+            # The time line, for the status page's chart.
+            "step_starts": [
+                {"at": at, "step": k + 1, "share": self._share_of(k)} for at, k in self.step_starts
+            ],
+            "pauses": [{"from": start, "until": stop} for start, stop in self.pauses],
+            "ended_at": self.ended_at,
+            "pair_part": self.pair_part,
             "reason": self.reason,
         }

@@ -15,7 +15,7 @@ from tests.harness import Client, clients, config_yaml, free_port, listener_yaml
 
 
 class Page(HTMLParser):
-    """The rendered DOM: the backend table's rows as cell texts, and <body>'s attributes."""
+    """The rendered DOM: the backend tables' rows as cell texts, and <body>'s attributes."""
 
     def __init__(self, dom: str) -> None:
         super().__init__()
@@ -25,12 +25,15 @@ class Page(HTMLParser):
         self._row: list[str] | None = None
         self._cell: list[str] | None = None
         self._in_tbody = False
+        self._in_backends = False
         self.feed(dom)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "body":
             self.body = dict(attrs)
-        elif tag == "tbody":
+        elif tag == "table":
+            self._in_backends = "backends" in (dict(attrs).get("class") or "").split()
+        elif tag == "tbody" and self._in_backends:
             self._in_tbody = True
         elif tag == "tr" and self._in_tbody:
             self._row = []
@@ -116,15 +119,15 @@ def test_status_page_in_headless_chromium(tmp_path: Path, echo_backends: dict[st
         assert f"127.0.0.1:{port}" in text
         assert hashlib.sha256(path.read_bytes()).hexdigest()[:12] in text
         assert "success" in text  # the last reload's result
-        # backend, address, weight, share, state, active, total, ...
-        assert page.backend("v1")[1:7] == [v1, "3", "75%", "active", "3", "3"]
-        assert page.backend("v2")[1:7] == [v2, "1", "25%", "active", "1", "1"]
-        assert page.backend("canary")[1:7] == [v2, "0", "0%", "zero", "0", "0"]
+        # backend, address, weight, effective weight, share, state, active, total, ...
+        assert page.backend("v1")[1:8] == [v1, "3", "3", "75%", "active", "3", "3"]
+        assert page.backend("v2")[1:8] == [v2, "1", "1", "25%", "active", "1", "1"]
+        assert page.backend("canary")[1:8] == [v2, "0", "0", "0%", "zero", "0", "0"]
         old = page.backend("old")
-        assert old[3] == "0%"
-        assert old[4].startswith("draining ")
-        assert old[4].endswith(" left")
-        assert old[5:7] == ["1", "1"]
+        assert old[3:5] == ["-", "0%"]
+        assert old[5].startswith("draining ")
+        assert old[5].endswith(" left")
+        assert old[6:8] == ["1", "1"]
         assert png_size(screenshot) == WINDOW
 
         proc.signal(signal.SIGTERM)
@@ -162,4 +165,8 @@ def test_status_page_says_when_the_server_is_gone(
     dom = chromium(tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom", saved.as_uri())
     page = Page(dom)
     assert "is-stale" in (page.body.get("class") or "")
-    assert page.backend("v1")[1:3] == [echo_backends["v1"], "1"]  # the last figures stay visible
+    assert page.backend("v1")[1:4] == [
+        echo_backends["v1"],
+        "1",
+        "1",
+    ]  # the last figures stay visible

@@ -280,3 +280,54 @@ def test_format_seconds() -> None:
         "2h5m",
         "3d",
     ]
+
+
+@given(
+    steps=step_lists,
+    duration=st.integers(min_value=1, max_value=600),
+    gaps=st.lists(st.integers(min_value=0, max_value=900), min_size=1, max_size=100),
+)
+def test_the_time_line_follows_the_schedule_through_pauses(
+    steps: tuple[int, ...], duration: int, gaps: list[int]
+) -> None:
+    """Observed at every pause and resume: the time line's last step is the one in force,
+    steps begin in time order, never after now, and never inside a pause."""
+    rollout = Rollout(config(steps, duration), "id", 1000.0)
+    now = 1000.0
+    rollout.observe(now)
+    for i, gap in enumerate(gaps):
+        now += gap
+        rollout.observe(now)  # a tick, before the decision
+        if i % 2 == 0:
+            rollout.pause(now)
+        else:
+            rollout.resume(now)
+        rollout.observe(now)
+        starts = list(rollout.step_starts)
+        assert starts[-1][1] == min(rollout.step(now), len(steps))
+        times = [at for at, _ in starts]
+        assert times == sorted(times)
+        assert all(at <= now for at in times)
+        closed = [(a, b) for a, b in rollout.pauses if b is not None]
+        assert not any(start < at < stop for at in times for start, stop in closed)
+    listed = rollout.as_dict(now)["step_starts"]
+    assert isinstance(listed, list)
+    assert listed[-1]["step"] == starts[-1][1] + 1
+
+
+def test_an_ended_rollout_has_no_later_steps() -> None:
+    rollout = Rollout(config((10, 50), 60), "id", 0.0)
+    rollout.observe(0.0)
+    rollout.observe(61.0)
+    assert rollout.abort("by hand")
+    rollout.observe(70.0)
+    assert rollout.ended_at == 70.0
+    rollout.observe(500.0)
+    assert [k for _, k in rollout.step_starts] == [0, 1]
+    completed = Rollout(config((10, 50), 60), "id", 0.0)
+    completed.observe(0.0)
+    completed.observe(65.0)
+    assert completed.advance(130.0, Sample(130.0, 0, 0), True) == "completed"
+    completed.observe(130.0)
+    assert completed.ended_at == 120.0  # when the last step's time ran out, not the tick
+    assert list(completed.step_starts) == [(0.0, 0), (60.0, 1), (120.0, 2)]
