@@ -124,6 +124,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "as users run it)",
     )
     p.add_argument(
+        "--client-hash",
+        action="store_true",
+        help="also run each engine with `balance: client_hash` (two backends, 80/20), as "
+        "target tcpproxy-ENGINE-hash, to show what hashing the client address costs",
+    )
+    p.add_argument(
         "--json",
         type=Path,
         help="JSON output (default results/latest.json, results/quick.json with --quick)",
@@ -134,7 +140,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _select(
-    only: Sequence[str], engines: Sequence[str], no_access_log: bool
+    only: Sequence[str], engines: Sequence[str], no_access_log: bool, client_hash: bool = False
 ) -> tuple[list[str], list[Target]]:
     all_targets = [
         Target("direct", "direct"),
@@ -142,6 +148,7 @@ def _select(
         Target("nginx", "nginx"),
         *(tcpproxy_target(e) for e in engines),
         *(tcpproxy_target(e, access_log=False) for e in engines),
+        *(tcpproxy_target(e, balance="client_hash") for e in engines),
     ]
     names = {t.name for t in all_targets}
     unknown = [n for n in only if n not in names and n not in report.WORKLOADS]
@@ -152,7 +159,9 @@ def _select(
         )
     wl = [w for w in report.WORKLOADS if w in only] or list(report.WORKLOADS)
     ts = [t for t in all_targets if t.name in only] or [
-        t for t in all_targets if t.access_log or no_access_log
+        t
+        for t in all_targets
+        if (t.access_log or no_access_log) and (t.balance == "round_robin" or client_hash)
     ]
     return wl, ts
 
@@ -186,7 +195,9 @@ class Bench:
         params = Params(**{**params.to_json(), "conn_close": args.conn_close})
         self.params: Params = params
         engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-        self.workloads, self.wanted_targets = _select(args.only, engines, args.no_access_log)
+        self.workloads, self.wanted_targets = _select(
+            args.only, engines, args.no_access_log, args.client_hash
+        )
         self.skipped: dict[str, str] = {}
         self.notes: list[str] = []
         self.backends: dict[str, int] = {}

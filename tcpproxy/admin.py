@@ -143,6 +143,7 @@ def status(proxy: Proxy) -> dict[str, Any]:
                 "name": listener.name,
                 "bind": listener.config.bind,
                 "state": "removed" if listener.retired else "serving",
+                "balance": listener.config.balance,
                 "open_connections": listener.open_connections,
                 "backends": backends,
                 "rollout": listener.rollout.as_dict(wall_now) if listener.rollout else None,

@@ -293,6 +293,9 @@ class ListenerConfig(_Model):
     # copy: bytes pass through one user-space buffer; splice: kernel-side os.splice.
     # Fixed for a listener's life: a change applies when its bind changes or on restart.
     engine: Literal["copy", "splice"] = "copy"
+    # round_robin: smooth weighted round-robin. client_hash: one client address, one backend
+    # (weighted rendezvous hashing; see affinity.py).
+    balance: Literal["round_robin", "client_hash"] = "round_robin"
     health_check: HealthCheckConfig | None = None
     proxy_protocol: ProxyProtocolConfig | None = None
     rollout: RolloutConfig | None = None

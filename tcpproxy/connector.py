@@ -9,10 +9,12 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
-from tcpproxy import health, proxy_protocol, relay
+from tcpproxy import affinity, health, proxy_protocol, relay
+from tcpproxy.admission import client_address
 from tcpproxy.backend import LOCAL_RESOURCE_ERRNOS, SOURCE_PORT_ERRNOS, Backend
 from tcpproxy.resolver import Resolver
 
@@ -39,6 +41,13 @@ def classify_connect_error(exc: BaseException) -> str:
     return "other"
 
 
+def _client_key(conn: Connection) -> int | None:
+    """The affinity key of the client: the PROXY header's source when the listener accepts
+    one (admission sets `peer` from it), else the socket's peer; None when unknown."""
+    address = client_address(conn.peer if conn.peer is not None else conn.peername)
+    return affinity.client_key(address) if address is not None else None
+
+
 class Connector:
     """Connecting is callbacks, not a coroutine: a Task per connection costs more CPU than
     the rest of the accept path (benchmarks/README.md). Only a name lookup runs as a Task."""
@@ -60,14 +69,21 @@ class Connector:
         self._last_exhausted_log: dict[str, float] = {}
         self._last_panic_log = -RESOURCE_LOG_INTERVAL_S
 
-    def pick(self, exclude: Sequence[Backend] = ()) -> Backend | None:
-        balancer = self.pool.balancer
-        backend = balancer.pick(Backend.eligible, exclude)
+    def pick(self, conn: Connection, exclude: Sequence[Backend] = ()) -> Backend | None:
+        """A backend for `conn` (by its client address with `balance: client_hash`)."""
+        by_client = self.pool.affinity
+        key = _client_key(conn) if by_client is not None else None
+        choose: Callable[[Callable[[Backend], bool], Sequence[Backend]], Backend | None]
+        if by_client is not None and key is not None:
+            choose = partial(by_client.pick, key)
+        else:
+            choose = self.pool.balancer.pick
+        backend = choose(Backend.eligible, exclude)
         if backend is None:
             # Passive ejection alone never empties a listener: when every candidate is
             # ejected (all refused for a moment, as in a rolling restart), trying them beats
             # refusing every client until the ejections expire.
-            backend = balancer.pick(Backend.eligible_if_panicking, exclude)
+            backend = choose(Backend.eligible_if_panicking, exclude)
             if backend is not None:
                 self._log_panic()
         return backend
@@ -83,7 +99,7 @@ class Connector:
             )
 
     def start(self, conn: Connection) -> None:
-        backend = self.pick()
+        backend = self.pick(conn)
         if backend is None:
             self.rejections.reject(conn, "no_backend")
             return
@@ -134,7 +150,7 @@ class Connector:
             # held against it; another backend's address has ports of its own.
             self.resource_exhausted(exc, f"connect to {target.name} ({target.address})")
             conn.tried += (target,)
-            candidate = self.pick(conn.tried)
+            candidate = self.pick(conn, conn.tried)
         elif exc.errno in LOCAL_RESOURCE_ERRNOS:
             # Out of file descriptors or memory here: not the backend's fault, so no
             # failure is held against it, and another backend would fail the same way.
@@ -143,7 +159,7 @@ class Connector:
         else:
             self._count_failure(target, classify_connect_error(exc))
             conn.tried += (target,)
-            candidate = self.pick(conn.tried)
+            candidate = self.pick(conn, conn.tried)
         if candidate is None or len(conn.tried) >= MAX_CONNECT_ATTEMPTS:
             self.rejections.count("connect_failed")
             conn.shut(relay.CONNECT_FAILED)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from tcpproxy import health
+from tcpproxy.affinity import ClientHash
 from tcpproxy.backend import Backend
 from tcpproxy.balancer import SmoothWeightedRoundRobin
 from tcpproxy.config import HealthCheckConfig, ListenerConfig, RolloutConfig
@@ -50,6 +51,10 @@ class BackendPool:
         self.backends: dict[BackendKey, Backend] = {}  # in the config now
         self.draining: dict[BackendKey, Backend] = {}  # removed, connections still open
         self.balancer: SmoothWeightedRoundRobin[Backend] = SmoothWeightedRoundRobin([])
+        # With `balance: client_hash`: picks by client address (the balancer serves clients
+        # whose address is unknown).
+        self.affinity: ClientHash[Backend] | None = None
+        self._balance = "round_robin"
         self._ordered: list[Backend] = []
         self._checker: health.HealthChecker | None = None
         self.rollout: Rollout | None = None
@@ -88,6 +93,7 @@ class BackendPool:
         if self._history_handle is None:
             self._history_handle = self.loop.call_later(HISTORY_INTERVAL_S, self._sample_history)
         self._configure_rollout(None if retired else config.rollout)
+        self._balance = config.balance
         self._rebuild_balancer()
         self._configure_health_checks(None if retired else config.health_check)
         return removed
@@ -167,6 +173,13 @@ class BackendPool:
         pair's split (see pair_weights; reduced, so compare shares, not numbers)."""
         return self._effective.get(backend.name, backend.weight)
 
+    def rollout_split(self) -> tuple[str, str, int] | None:
+        """(from, to, to's share in percent) while a rollout overrides the pair's weights."""
+        rollout = self.rollout
+        if rollout is None:
+            return None
+        return rollout.config.from_, rollout.config.to, self._rollout_share
+
     def _rebuild_balancer(self) -> None:
         weights = {b.name: b.weight for b in self._ordered}
         rollout = self.rollout
@@ -178,6 +191,12 @@ class BackendPool:
             )
         self._effective = weights
         self.balancer = SmoothWeightedRoundRobin([(b, weights[b.name]) for b in self._ordered])
+        self.affinity = None
+        if self._balance == "client_hash":
+            # Configured weights: the rollout's pair is one group of their sum, split inside.
+            self.affinity = ClientHash(
+                [(b, b.name, b.weight) for b in self._ordered], self.rollout_split()
+            )
 
     def _log_rollout(self, level: int, event: str, **fields: object) -> None:
         rollout = self.rollout

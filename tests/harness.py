@@ -25,6 +25,7 @@ import pytest
 import uvloop
 
 from tcpproxy import acceptor
+from tcpproxy.affinity import ClientHash, client_key
 from tcpproxy.demo import EchoProtocol
 from tcpproxy.proxy import Proxy, ReloadResult
 from tcpproxy.reloader import Reloader
@@ -253,8 +254,16 @@ def config_yaml(*listeners: str) -> str:
 class Client:
     """A blocking client socket with timeouts, for tests."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = WAIT_S) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        timeout: float = WAIT_S,
+        source: str | None = None,
+    ) -> None:
+        """`source`: the client's own address (any of 127.0.0.0/8 on loopback)."""
+        source_address = (source, 0) if source is not None else None
+        self.sock = socket.create_connection((host, port), timeout, source_address)
 
     def greeting(self) -> str:
         """The backend's `hello from NAME` line: which backend this connection reached."""
@@ -315,6 +324,24 @@ def greetings(port: int, n: int) -> Counter[str]:
         seen[client.greeting()] += 1
         client.close()
     return seen
+
+
+def greetings_from(port: int, sources: list[str]) -> dict[str, str]:
+    """A new connection from each client address in `sources`: the backend that greeted it."""
+    seen = {}
+    for source in sources:
+        client = Client(port, source=source)
+        seen[source] = client.greeting()
+        client.close()
+    return seen
+
+
+def client_hash_mapping(
+    weights: dict[str, int], sources: list[str], rollout: tuple[str, str, int] | None = None
+) -> dict[str, str | None]:
+    """Where `balance: client_hash` sends each client address, by the pure mapping."""
+    h = ClientHash([(name, name, w) for name, w in weights.items()], rollout)
+    return {s: h.pick(client_key(s)) for s in sources}
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ CHECK_TIMEOUT_S = 30.0
 
 
 NOLOG_SUFFIX = "-nolog"
+HASH_SUFFIX = "-hash"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Target:
     engine: str | None = None  # tcpproxy relay engine (copy, splice, ...)
     # tcpproxy's access log (one line per closed connection): on by default, as users run it.
     access_log: bool = True
+    balance: str = "round_robin"  # tcpproxy's `balance`: round_robin or client_hash
 
 
 @dataclass
@@ -41,10 +43,13 @@ class Running:
             self.server.stop(grace_s)
 
 
-def tcpproxy_target(engine: str, access_log: bool = True) -> Target:
-    """tcpproxy-ENGINE, or tcpproxy-ENGINE-nolog run with --no-access-log."""
+def tcpproxy_target(engine: str, access_log: bool = True, balance: str = "round_robin") -> Target:
+    """tcpproxy-ENGINE; tcpproxy-ENGINE-nolog run with --no-access-log; tcpproxy-ENGINE-hash
+    with `balance: client_hash`."""
     suffix = "" if access_log else NOLOG_SUFFIX
-    return Target(f"tcpproxy-{engine}{suffix}", "tcpproxy", engine, access_log)
+    if balance == "client_hash":
+        suffix += HASH_SUFFIX
+    return Target(f"tcpproxy-{engine}{suffix}", "tcpproxy", engine, access_log, balance)
 
 
 def _max_conns() -> int:
@@ -96,21 +101,28 @@ def nginx_config(backends: Mapping[str, int], ports: Mapping[str, int], workdir:
 
 
 def tcpproxy_config(
-    backends: Mapping[str, int], ports: Mapping[str, int], engine: str | None
+    backends: Mapping[str, int],
+    ports: Mapping[str, int],
+    engine: str | None,
+    balance: str = "round_robin",
 ) -> str:
+    # With client_hash, the canary's shape: two backends weighted 80/20 (at the one backend
+    # address), so that every pick hashes the client against both.
+    weights = (("b1", 80), ("b2", 20)) if balance == "client_hash" else (("b1", 1),)
     lines = ["listeners:"]
     for name, backend_port in backends.items():
-        lines += [
-            f"  - name: {name}",
-            f'    bind: "{HOST}:{ports[name]}"',
-            "    backends:",
-            "      - name: b1",
-            f'        address: "{HOST}:{backend_port}"',
-            "        weight: 1",
-            "    max_connections: 100000",
-        ]
+        lines += [f"  - name: {name}", f'    bind: "{HOST}:{ports[name]}"', "    backends:"]
+        for backend, weight in weights:
+            lines += [
+                f"      - name: {backend}",
+                f'        address: "{HOST}:{backend_port}"',
+                f"        weight: {weight}",
+            ]
+        lines.append("    max_connections: 100000")
         if engine is not None:
             lines.append(f"    engine: {engine}")
+        if balance != "round_robin":
+            lines.append(f"    balance: {balance}")
     return "\n".join(lines) + "\n"
 
 
@@ -194,7 +206,7 @@ def start(
         )
     elif target.kind == "tcpproxy":
         cfg = workdir / f"{tag}.yaml"
-        cfg.write_text(tcpproxy_config(backends, ports, engine_setting))
+        cfg.write_text(tcpproxy_config(backends, ports, engine_setting, target.balance))
         server = procs.start(target.name, _tcpproxy_argv(cfg, target.access_log))
     else:
         raise StartError(f"unknown target kind {target.kind!r}")

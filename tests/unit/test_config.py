@@ -55,6 +55,7 @@ LISTENER_KEYS = frozenset(
         "idle_timeout",
         "max_connections",
         "engine",
+        "balance",
     }
 )
 BACKEND_KEYS = frozenset({"name", "address", "weight"})
@@ -152,6 +153,17 @@ def test_optional_listener_fields_take_defaults() -> None:
     assert lst.connect_timeout == DEFAULT_CONNECT_TIMEOUT_S
     assert lst.idle_timeout == DEFAULT_IDLE_TIMEOUT_S
     assert lst.max_connections == DEFAULT_MAX_CONNECTIONS
+    assert lst.balance == "round_robin"
+
+
+def test_balance_is_round_robin_or_client_hash() -> None:
+    for balance in ("round_robin", "client_hash"):
+        (lst,) = parse(document(listener(balance=balance))).config.listeners
+        assert lst.balance == balance
+    for bad in ("source", "", 1, None):
+        assert problems_of(document(listener(balance=bad))) == [
+            f"{SOURCE}: listeners[0].balance: Input should be 'round_robin' or 'client_hash'"
+        ]
 
 
 def test_several_listeners_keep_file_order() -> None:
@@ -724,6 +736,8 @@ def listener_dicts(draw: st.DrawFn, name: str, bind: str) -> dict[str, Any]:
         out["connect_timeout"] = draw(st.integers(1, 600))
     if draw(st.booleans()):
         out["max_connections"] = draw(st.integers(1, 10**6))
+    if draw(st.booleans()):
+        out["balance"] = draw(st.sampled_from(["round_robin", "client_hash"]))
     return out
 
 
@@ -756,6 +770,7 @@ def test_any_valid_config_parses_and_round_trips(doc: dict[str, Any]) -> None:
                 assert getattr(lst, field) == pytest.approx(parse_duration(expected[field]))
         if "max_connections" in expected:
             assert lst.max_connections == expected["max_connections"]
+        assert lst.balance == expected.get("balance", "round_robin")
 
 
 unknown_keys = st.from_regex(r"[A-Za-z_][A-Za-z0-9_-]{0,11}", fullmatch=True)

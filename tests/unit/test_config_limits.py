@@ -52,6 +52,7 @@ listeners:
     idle_timeout: 0
     max_connections: 7
     engine: splice
+    balance: client_hash
     health_check: {interval: 2s, timeout: 0.5, send: "PING\\r\\n", expect: "+PONG"}
     ejection: null
     proxy_protocol: {send: v2, accept: true}
