@@ -310,7 +310,11 @@ class Soak:
             self.rng,
             lambda: dict(self.ctl.serving),
             mode.main_idle_s,
-            logged=lambda client, since: self.log.ended(client, since + self.wall_offset),
+            logged=lambda client, since, closed_after: self.log.ended(
+                client,
+                since + self.wall_offset,
+                None if closed_after is None else closed_after + self.wall_offset,
+            ),
         )
         self.t_load = self.t0
         self.t_sigterm: float | None = None

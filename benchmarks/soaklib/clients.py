@@ -393,7 +393,8 @@ class Load:
     idle_timeout_s: float  # the main listener's
     # The end reason in the proxy's access log of the connection from a client address
     # opened after a time (monotonic), once the line is in; None before.
-    logged: Callable[[str, float], str | None] = lambda _client, _since: None
+    # (client, opened after, logged after): the end reason in the proxy's access log.
+    logged: Callable[[str, float, float | None], str | None] = lambda _c, _s, _a: None
     records: list[ConnRecord] = field(default_factory=list)
     turns: dict[str, int] = field(default_factory=dict)  # hostile kinds started so far
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -806,13 +807,16 @@ class Load:
 
     # -- the hostile kinds (TIGHT listeners, raw sockets) -------------------------------------
 
-    async def _until_logged(self, conn: Conn, polls: int = 1_000_000) -> str | None:
+    async def _until_logged(
+        self, conn: Conn, polls: int = 1_000_000, open_at: float | None = None
+    ) -> str | None:
         """Poll for this connection's access-log line (the proxy is done with it): its end
-        reason, or None after `polls` looks (else bounded by the connection's budget)."""
+        reason, or None after `polls` looks (else bounded by the connection's budget).
+        `open_at` (monotonic): a moment the connection was surely still open."""
         rec = conn.rec
         assert rec.client is not None
         for _ in range(polls):
-            end = self.logged(rec.client, rec.t_start)
+            end = self.logged(rec.client, rec.t_start, open_at)
             if end is not None:
                 return end
             await asyncio.sleep(LOG_POLL_S)
@@ -887,7 +891,7 @@ class Load:
             raise EarlyEOF(f"EOF after {got} bytes, before the stall ({pace})")
         # Stop reading until the proxy is done with us (if it never is: the budget ends it).
         rec.problem = "stalled_reader_not_closed"
-        await self._until_logged(conn)
+        await self._until_logged(conn, open_at=time.monotonic())
         rec.problem = ""
         more, how = await conn.read_pattern(base + got, None)
         rec.expected = rec.verified  # what came before the close, every byte checked
@@ -1016,7 +1020,7 @@ class Load:
         for _ in range(1_000_000):  # ends with the reset, the proxy's log line, or the budget
             if conn.tcp_state() == TCP_CLOSE:
                 break
-            if self.logged(rec.client or "", rec.t_start) is not None:
+            if self.logged(rec.client or "", rec.t_start, None) is not None:
                 # The proxy closed its side before logging: the reset, if any, is here.
                 for _ in range(10):
                     if conn.tcp_state() == TCP_CLOSE:

@@ -98,10 +98,16 @@ class ProxyLog:
     lines: int = 0
     _partial: str = ""
 
-    def ended(self, client: str, since_wall: float) -> str | None:
+    def ended(
+        self, client: str, since_wall: float, closed_after_wall: float | None = None
+    ) -> str | None:
         """The end reason of the connection from `client` opened after `since_wall` (Unix
-        time), once its line is in; None before."""
+        time), once its line is in; None before. `closed_after_wall`: only a line logged
+        after then is it, for a connection that knows it was open then (the line of an
+        earlier connection from the same port, reused, can fall inside the slack)."""
         for e in reversed(self.by_client.get(client, ())):
+            if closed_after_wall is not None and e.closed_wall < closed_after_wall:
+                continue
             if e.opened_wall >= since_wall - OWN_LINE_SLACK_S:
                 return e.end
         return None

@@ -533,10 +533,13 @@ def test_every_example_includes_the_backends_it_routes_to(directory: str) -> Non
     docs = render(directory)
     services = {s["metadata"]["name"] for s in by_kind(docs, "Service")}
     routed = [
-        backend["address"].rpartition(":")[0]
+        # A Service's cluster name (tcp-echo-v1.default.svc.cluster.local) is the Service.
+        backend.host.split(".svc.cluster.local")[0].split(".")[0]
+        if backend.host.endswith(".svc.cluster.local")
+        else backend.host
         for _, _, text in mounted_route_configs(docs)
-        for listener in yaml.safe_load(text)["listeners"]
-        for backend in listener["backends"]
+        for listener in parse_config(text.encode(), directory).config.listeners
+        for backend in listener.backends
     ]
     missing = sorted({host for host in routed if host not in services})
     assert missing == [], f"{directory} routes to Services it does not include: {missing}"
