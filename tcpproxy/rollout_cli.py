@@ -236,7 +236,8 @@ def prometheus_status(base: str, listener: str | None, window_s: float) -> int:
         )
     except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
         reason = getattr(exc, "reason", exc)
-        print(f"cannot query Prometheus at {base}: {reason}", file=sys.stderr)
+        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+        print(f"cannot query Prometheus at {base}: {text}", file=sys.stderr)
         return 2
     if not infos:
         print(f"Prometheus at {base} has no rollout of any replica", file=sys.stderr)

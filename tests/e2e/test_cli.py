@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tcpproxy.demo import DEMO_CONFIG
-from tests.e2e.processes import REPO, START_S, TCPPROXY, Process, http, port_open
+from tests.e2e.processes import EXIT_S, REPO, START_S, TCPPROXY, Process, http, port_open
 from tests.harness import WAIT_S, Client, config_yaml, free_port, listener_yaml, wait_until
 
 
@@ -313,3 +313,23 @@ def test_demo_serves_telnet_on_8008_and_stops_cleanly(tmp_path: Path) -> None:
         proc.kill()
     assert not port_open(8008)
     assert list(temp.iterdir()) == []
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly() -> None:
+    """`tcpproxy ... | head -1`: the pipe closes before the output is written."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [*TCPPROXY, "check", "--config", str(REPO / "config" / "tcpproxy.yaml")],
+            cwd=REPO,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=EXIT_S,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 141
+    assert done.stderr == ""
