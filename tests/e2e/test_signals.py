@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,8 +189,11 @@ def test_during_the_graceful_wait_sighup_is_harmless_and_sigint_ends_it(
         code, _, err = proc.wait(EXIT_S)
         assert code == 0, err
         assert held.is_closed()
-        # The first signal said how long it waits for what, and how to end the wait.
-        assert "for 1 open connection to finish; a second Ctrl-C" in err
+        # The first signal said how long it waits for what, and how to end the wait. The
+        # count may include a probe of the test's that raced the signal: not asserted.
+        assert re.search(
+            r"waiting up to 3600s for \d+ open connections? to finish; a second Ctrl-C", err
+        ), err
     finally:
         held.close()
         proc.kill()
