@@ -156,8 +156,8 @@ class FleetJudge:
             self._up_gauge.remove(self.listener)
 
     async def _run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.prometheus.timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        # Each evaluation is bounded as a whole (evaluate), not each request.
+        async with aiohttp.ClientSession() as session:
             while True:
                 await self.evaluate(session)
                 await asyncio.sleep(self.prometheus.interval)

@@ -75,12 +75,13 @@ def _put_after(block: CommentedMap, key: str, value: object, after: tuple[str, .
     block.insert(position, key, value)
 
 
-def _step_text(block: CommentedMap, now: float) -> str:
-    """'step 2 of 4' as the file and the clock say (for the message only)."""
+def _step_index(block: CommentedMap, now: float) -> int | None:
+    """The step in force as the file and the clock say (len(steps) once the schedule has
+    ended); None without steps or started_at."""
     steps = list(block.get("steps") or ())
     started = block.get("started_at")
     if not steps or started is None:
-        return ""
+        return None
     paused_at = block.get("paused_at")
     elapsed = elapsed_at(
         _instant(started, "started_at"),
@@ -88,7 +89,15 @@ def _step_text(block: CommentedMap, now: float) -> str:
         None if paused_at is None else _instant(paused_at, "paused_at"),
         now,
     )
-    index = min(int(elapsed // parse_duration(block["step_duration"])), len(steps))
+    return min(int(elapsed // parse_duration(block["step_duration"])), len(steps))
+
+
+def _step_text(block: CommentedMap, now: float) -> str:
+    """' (step 2 of 4, 25%)', for the message only."""
+    index = _step_index(block, now)
+    if index is None:
+        return ""
+    steps = list(block["steps"])
     if index >= len(steps):
         return " (its schedule has ended)"
     return f" (step {index + 1} of {len(steps)}, {steps[index]}%)"
@@ -167,7 +176,8 @@ def _edit_document(
             continue
         if "aborted_at" in block:
             raise EditError(f"{where}: {name}: the rollout is aborted already; nothing to {action}")
-        ended = _step_text(block, now.timestamp()).endswith("ended)")
+        index = _step_index(block, now.timestamp())
+        ended = index is not None and index >= len(block["steps"])
         if action == "pause":
             if "paused_at" in block:
                 raise EditError(f"{where}.paused_at: {name}: paused already")
