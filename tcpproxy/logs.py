@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
+from typing import TextIO
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+ACCESS_LOGGER = "tcpproxy.access"
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is a field.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -40,12 +46,96 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class LogHandler(logging.StreamHandler[TextIO]):
+    """The process's handler. Access lines skip the LogRecord: a record, its formatting and
+    a write per line cost more than the rest of a short connection (benchmarks/README.md),
+    so they come formatted, in the handler's format, and are written together once per
+    event-loop turn. Any other record writes what is pending first, so order is kept."""
+
+    def __init__(self, stream: TextIO, fmt: str) -> None:
+        super().__init__(stream)
+        self.json = fmt == "json"
+        self.setFormatter(JsonFormatter() if self.json else logging.Formatter(TEXT_FORMAT))
+        self._pending: list[str] = []
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a write is due on
+        self._second = -1  # the whole second _stamp is for
+        self._stamp = ""
+
+    def access(
+        self, loop: asyncio.AbstractEventLoop, message: str, fields: dict[str, object] | None
+    ) -> None:
+        """One access line (`fields`: its JSON fields, only when the format is JSON)."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = (
+                datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+                if self.json
+                else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            )
+        ms = int((now - second) * 1000)
+        if fields is None:
+            line = f"{self._stamp},{ms:03d} INFO    {ACCESS_LOGGER}: {message}\n"
+        else:
+            entry: dict[str, object] = {
+                "time": f"{self._stamp}.{ms:03d}+00:00",
+                "severity": "INFO",
+                "logger": ACCESS_LOGGER,
+                "message": message,
+            }
+            entry.update(fields)
+            line = json.dumps(entry, default=str) + "\n"
+        self._pending.append(line)
+        if self._flush_on is not loop:
+            self._flush_on = loop
+            loop.call_soon(self.write_pending)
+
+    def write_pending(self) -> None:
+        self._flush_on = None
+        if not self._pending:
+            return
+        self.acquire()  # another thread's record must not land inside the batch
+        try:
+            lines, self._pending = self._pending, []
+            self.stream.write("".join(lines))
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # the stream is gone (closed, a broken pipe): nowhere left to say so
+        finally:
+            self.release()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._pending:
+            self.write_pending()
+        super().emit(record)
+
+    def flush(self) -> None:
+        if self._pending:
+            self.write_pending()
+        super().flush()
+
+
+def access_handler() -> LogHandler | None:
+    """The handler access lines can be given straight to: when every record of the access
+    logger would reach that one handler and nothing else (no filter, no other handler, as
+    when tests collect records)."""
+    logger: logging.Logger | None = logging.getLogger(ACCESS_LOGGER)
+    root = logging.getLogger()
+    while logger is not None and logger is not root:
+        if logger.handlers or logger.filters or not logger.propagate:
+            return None
+        logger = logger.parent
+    if len(root.handlers) != 1 or root.filters:
+        return None
+    handler = root.handlers[0]
+    if not isinstance(handler, LogHandler) or handler.filters or handler.level > logging.INFO:
+        return None
+    return handler
+
+
 def setup_logging(level: str = "info", fmt: str = "text", access_log: bool = True) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler = LogHandler(sys.stderr, fmt)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -53,4 +143,4 @@ def setup_logging(level: str = "info", fmt: str = "text", access_log: bool = Tru
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # watchfiles logs every batch of file events at INFO; our reload line says what matters.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
-    logging.getLogger("tcpproxy.access").disabled = not access_log
+    logging.getLogger(ACCESS_LOGGER).disabled = not access_log
