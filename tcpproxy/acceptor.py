@@ -7,9 +7,10 @@ import contextlib
 import errno
 import os
 import socket
+from collections.abc import Callable
 
 from tcpproxy.poller import Poller
-from tcpproxy.relay import Connection, Owner
+from tcpproxy.relay import Connection, Owner, Socket
 
 
 class Server:
@@ -28,12 +29,15 @@ class Server:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # Accepted sockets inherit it (Linux): no setsockopt per client.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.bind(address)
             self.sock.listen(backlog)
         except OSError:
             self.sock.close()
             raise
         self.sock.setblocking(False)
+        self.family = family
         self._serving = False
         self._accepting = True  # the owner's say: False at its max_connections
         self._backing_off = False  # out of descriptors, even the spare one
@@ -62,11 +66,15 @@ class Server:
                 self.loop.remove_reader(self.sock.fileno())
 
     def _accept(self) -> None:
+        # The C socket's accept: socket.socket.accept wraps it in Python (relay.Socket).
+        accept: Callable[[], tuple[int, object]] = self.sock._accept  # type: ignore[attr-defined]
+        family = self.family
+        make = Socket
         for _ in range(64):  # bounded per wake-up, so one busy listener cannot starve the loop
             if not self._reading:
                 return  # the owner stopped accepting (at max_connections)
             try:
-                sock, peername = self.sock.accept()
+                fd, peername = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -74,9 +82,9 @@ class Server:
                     self.owner.accept_failed(exc)
                     self._shed()
                 return
+            sock = make(family, socket.SOCK_STREAM, 0, fd)
             try:
                 sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 sock.close()  # reset before we got to it
                 continue

@@ -18,6 +18,7 @@ listening socket acceptor.py's.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
     from tcpproxy.backend import Backend
 
 log = logging.getLogger("tcpproxy")
+
+# The C socket type: socket.socket's Python wrapper (its __init__, accept, close, and the
+# family and type properties) costs more per connection than the syscalls it makes.
+Socket = _socket.socket
 
 # One read; also the most a direction holds in user space while its destination is full.
 READ_CHUNK_BYTES = BUFFER_BYTES
@@ -82,7 +87,7 @@ ADMIN_CLOSED = "admin_closed"  # ended through the admin API (DELETE /connection
 _ids = itertools.count(1)
 
 
-def _queued(sock: socket.socket, request: int) -> int:
+def _queued(sock: Socket, request: int) -> int:
     """Bytes in a socket's receive queue (FIONREAD) or send queue, unacknowledged included
     (TIOCOUTQ); 0 for a socket that has none or is gone."""
     fd = sock.fileno()
@@ -126,7 +131,7 @@ class Direction:
         "upstream",
     )
 
-    def __init__(self, src: socket.socket, dst: socket.socket | None, upstream: bool) -> None:
+    def __init__(self, src: Socket, dst: Socket | None, upstream: bool) -> None:
         self.src = src
         self.dst = dst  # None until the backend is up (client -> backend)
         self.upstream = upstream  # client -> backend
@@ -178,9 +183,7 @@ class Connection:
         "upstream",
     )
 
-    def __init__(
-        self, owner: Owner, sock: socket.socket, poller: Poller, peername: object = None
-    ) -> None:
+    def __init__(self, owner: Owner, sock: Socket, poller: Poller, peername: object = None) -> None:
         self.id = next(_ids)
         self.owner = owner
         self.poller = poller
@@ -189,7 +192,7 @@ class Connection:
         self.state = State.ACCEPTED
         # From accept(): getpeername() fails once a client has already reset.
         self.peername = peername
-        self.upstream: socket.socket | None = None  # the backend socket, once connecting
+        self.upstream: Socket | None = None  # the backend socket, once connecting
         # The listener's: the backend picked (kept through retries) and the one connected.
         self.target: Backend | None = None
         self.backend: Backend | None = None
@@ -261,8 +264,10 @@ class Connection:
         if action is Action.FIN_TO_BACKEND or action is Action.FIN_TO_CLIENT:
             sock = self.upstream if action is Action.FIN_TO_BACKEND else self.sock
             assert sock is not None
-            with contextlib.suppress(OSError):  # a reset meanwhile: its error event follows
+            try:  # noqa: SIM105 (suppress() costs a context manager per connection)
                 sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # a reset meanwhile: its error event follows
         elif action is Action.CLOSE or action is Action.RESET:
             self._close(reset=action is Action.RESET)
         else:
@@ -331,7 +336,7 @@ class Connection:
             return  # ended while a name was looked up
         self._event(Event.CONNECT)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock = Socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex((host, port))
@@ -462,14 +467,19 @@ class Connection:
                 d.eof = True
                 self._pass_fin(d)
                 return
-            if n < limit and not d.hup:
-                d.ready = False  # a short read took all there was
+            # A short read took all there was; after src's FIN (hup) that is its last
+            # bytes, so no read is needed to find the FIN once they are written.
+            last = n < limit
+            if last:
+                d.ready = False
             if not peek:
                 if d.upstream:
                     self.bytes_up += n
                 else:
                     self.bytes_down += n
-                if not d.ready and poller.dispatching:
+                if last and d.hup:
+                    d.eof = True  # passed on once these bytes are written (_flush)
+                if last and poller.dispatching:
                     # A small read, all there was: write it with the rest of the batch's writes.
                     d.rest = view[:n].tobytes()
                     poller.writes.append((self, d))
@@ -494,6 +504,8 @@ class Connection:
                     d.blocked = True
                     return
                 d.bulk = n >= SMALL_READ_BYTES
+                if last and d.hup:
+                    d.eof = True
             else:
                 d.bulk = True if sent < n else n == SMALL_READ_BYTES
                 if sent < n:
@@ -501,7 +513,9 @@ class Connection:
                     # writable event goes on from there.
                     d.rest = view[sent:n].tobytes()
                     return
-            if not d.ready:
+            if last:
+                if d.eof:
+                    self._pass_fin(d)
                 return
         # Still more: let other connections run first.
         self.loop.call_soon(self._resume, d)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tcpproxy import relay
 from tcpproxy.pool import ROLLOUT_TICK_MAX_S
 from tests.harness import (
     Backends,
@@ -50,6 +51,9 @@ class PortShortage:
             return real(sock, address)
 
         monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+        # The proxy makes its sockets with the C type, whose methods cannot be replaced:
+        # have it make Python ones, of the class patched above.
+        monkeypatch.setattr(relay, "Socket", socket.socket)
 
 
 def port_of(address: str) -> int:
