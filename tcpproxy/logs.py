@@ -12,6 +12,9 @@ from typing import TextIO
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 ACCESS_LOGGER = "tcpproxy.access"
+# Access lines are written together, at most this late, or once this many are pending.
+ACCESS_WRITE_DELAY_S = 0.1
+ACCESS_BATCH_LINES = 256
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is a field.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -49,8 +52,8 @@ class JsonFormatter(logging.Formatter):
 class LogHandler(logging.StreamHandler[TextIO]):
     """The process's handler. Access lines skip the LogRecord: a record, its formatting and
     a write per line cost more than the rest of a short connection (benchmarks/README.md),
-    so they come formatted, in the handler's format, and are written together once per
-    event-loop turn. Any other record writes what is pending first, so order is kept."""
+    so they come formatted, in the handler's format, and are written together, within
+    ACCESS_WRITE_DELAY_S. Any other record writes what is pending first, so order is kept."""
 
     def __init__(self, stream: TextIO, fmt: str) -> None:
         super().__init__(stream)
@@ -86,10 +89,13 @@ class LogHandler(logging.StreamHandler[TextIO]):
             }
             entry.update(fields)
             line = json.dumps(entry, default=str) + "\n"
-        self._pending.append(line)
-        if self._flush_on is not loop:
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= ACCESS_BATCH_LINES:
+            self.write_pending()
+        elif self._flush_on is not loop:
             self._flush_on = loop
-            loop.call_soon(self.write_pending)
+            loop.call_later(ACCESS_WRITE_DELAY_S, self.write_pending)
 
     def write_pending(self) -> None:
         self._flush_on = None

@@ -254,6 +254,43 @@ def test_slow_reader_gets_every_byte_after_both_fins(
     assert digest.hexdigest() == hashlib.sha256(pattern(size)).hexdigest()
 
 
+def test_a_reply_that_comes_with_its_fin_arrives_whole_then_the_fin(
+    scripted: tuple[RunningProxy, list[tuple[str, int]]],
+) -> None:
+    """A reply and the FIN behind it often come in one wake-up (a server that answers and
+    closes, as Redis does after QUIT): the proxy then passes the FIN on after the reply's
+    last bytes without a read to find it. Sizes around a small read's (16 KiB) too."""
+    running, _ = scripted
+    sizes = [1, 5, 1000, 16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1, 70_000] * 5
+    for size in sizes:
+        client = Client(running.port("relay"))
+        try:
+            client.sock.sendall(b"push %d\n" % size)
+            assert client.read_all() == pattern(size)  # every byte, then EOF
+        finally:
+            client.close()
+    wait_until(lambda: open_connections(running) == 0, what="connections closed")
+    assert running.backend_stat("relay", "s", "bytes_down") == sum(sizes)
+
+
+def test_both_sockets_of_a_connection_have_nodelay(echo_proxy: RunningProxy) -> None:
+    """Small writes go out at once both ways (no Nagle wait on a request or a reply): the
+    accepted socket has it from the listening socket, the backend socket is given it."""
+    client = Client(echo_proxy.port("relay"))
+    try:
+        assert client.greeting() == "v1"
+
+        def nodelay(proxy: Proxy) -> list[int]:
+            [conn] = proxy.listeners["relay"].live_connections()
+            assert conn.upstream is not None
+            option = socket.IPPROTO_TCP, socket.TCP_NODELAY
+            return [conn.sock.getsockopt(*option), conn.upstream.getsockopt(*option)]
+
+        assert echo_proxy.state(nodelay) == [1, 1]
+    finally:
+        client.close()
+
+
 # -- connecting: failures, retries, a client that leaves first --
 
 

@@ -12,7 +12,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tcpproxy.logs import ACCESS_LOGGER, JsonFormatter, LogHandler, access_handler, setup_logging
+from tcpproxy.logs import (
+    ACCESS_BATCH_LINES,
+    ACCESS_LOGGER,
+    JsonFormatter,
+    LogHandler,
+    access_handler,
+    setup_logging,
+)
 
 FIELDS: dict[str, object] = {"listener": "app", "backend": "v1", "end": "client_closed"}
 
@@ -26,19 +33,37 @@ def root_logging() -> Iterator[None]:
     root.setLevel(saved[1])
 
 
+class Out(io.StringIO):
+    """A stream that says when it is written to (on the loop, as the handler writes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wrote = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        self.wrote.set()
+        return super().write(text)
+
+
+async def written(out: Out) -> None:
+    """Until the handler has written (it does within a fraction of a second)."""
+    async with asyncio.timeout(10):
+        await out.wrote.wait()
+
+
 def text_of(record: logging.LogRecord, handler: LogHandler) -> str:
     assert handler.formatter is not None
     return handler.formatter.format(record)
 
 
 def test_a_text_access_line_is_what_the_formatter_writes() -> None:
-    out = io.StringIO()
+    out = Out()
     handler = LogHandler(out, "text")
 
     async def main() -> None:
         handler.access(asyncio.get_running_loop(), "app 1.2.3.4:5 -> v1 up=1 down=2", None)
-        assert out.getvalue() == ""  # not before the loop's turn ends
-        await asyncio.sleep(0)
+        assert out.getvalue() == ""  # not at once: together with the lines that follow it
+        await written(out)
 
     asyncio.run(main())
     line = out.getvalue()
@@ -53,12 +78,12 @@ def test_a_text_access_line_is_what_the_formatter_writes() -> None:
 
 
 def test_a_json_access_line_is_what_the_json_formatter_writes() -> None:
-    out = io.StringIO()
+    out = Out()
     handler = LogHandler(out, "json")
 
     async def main() -> None:
         handler.access(asyncio.get_running_loop(), "app -> v1", FIELDS)
-        await asyncio.sleep(0)
+        await written(out)
 
     asyncio.run(main())
     entry = json.loads(out.getvalue())
@@ -94,6 +119,19 @@ def test_access_lines_come_before_a_later_record_and_in_order() -> None:
         logger.propagate = True
     lines = out.getvalue().splitlines()
     assert [x.rsplit(": ", 1)[1] for x in lines] == ["line 0", "line 1", "line 2", "after them"]
+
+
+def test_a_full_batch_is_written_at_once() -> None:
+    out = io.StringIO()
+    handler = LogHandler(out, "text")
+    loop = asyncio.new_event_loop()
+    try:
+        for n in range(ACCESS_BATCH_LINES):
+            assert out.getvalue().count("\n") == 0
+            handler.access(loop, f"line {n}", None)
+    finally:
+        loop.close()
+    assert out.getvalue().count("\n") == ACCESS_BATCH_LINES
 
 
 def test_flush_writes_what_is_pending_when_no_loop_turn_comes() -> None:
