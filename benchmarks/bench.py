@@ -26,6 +26,8 @@ from tcpbench import report, workloads
 from tcpbench.peers import PeerStatus, ensure_peers, machine_info, peer_versions
 from tcpbench.procs import Processes, StartError, raise_nofile
 from tcpbench.targets import (
+    FLOOR,
+    FLOOR_WORKLOADS,
     NOLOG_SUFFIX,
     Running,
     Target,
@@ -100,7 +102,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME",
         default=[],
         help=f"workloads ({', '.join(report.WORKLOADS)}) and/or targets "
-        "(direct, haproxy, nginx, tcpproxy-ENGINE) to run; default all",
+        "(direct, haproxy, nginx, tcpproxy-ENGINE, python-floor) to run; default all but "
+        "python-floor",
     )
     p.add_argument(
         "--engines",
@@ -130,6 +133,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "target tcpproxy-ENGINE-hash, to show what hashing the client address costs",
     )
     p.add_argument(
+        "--python-floor",
+        action="store_true",
+        help="also run target python-floor (conn and rr only): the leanest relay of "
+        "tcpproxy's design, no bookkeeping at all, to show what Python itself costs",
+    )
+    p.add_argument(
         "--json",
         type=Path,
         help="JSON output (default results/latest.json, results/quick.json with --quick)",
@@ -140,7 +149,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _select(
-    only: Sequence[str], engines: Sequence[str], no_access_log: bool, client_hash: bool = False
+    only: Sequence[str],
+    engines: Sequence[str],
+    no_access_log: bool,
+    client_hash: bool = False,
+    floor: bool = False,
 ) -> tuple[list[str], list[Target]]:
     all_targets = [
         Target("direct", "direct"),
@@ -149,6 +162,7 @@ def _select(
         *(tcpproxy_target(e) for e in engines),
         *(tcpproxy_target(e, access_log=False) for e in engines),
         *(tcpproxy_target(e, balance="client_hash") for e in engines),
+        Target(FLOOR, "floor"),
     ]
     names = {t.name for t in all_targets}
     unknown = [n for n in only if n not in names and n not in report.WORKLOADS]
@@ -161,7 +175,9 @@ def _select(
     ts = [t for t in all_targets if t.name in only] or [
         t
         for t in all_targets
-        if (t.access_log or no_access_log) and (t.balance == "round_robin" or client_hash)
+        if (t.access_log or no_access_log)
+        and (t.balance == "round_robin" or client_hash)
+        and (t.kind != "floor" or floor)
     ]
     return wl, ts
 
@@ -196,7 +212,7 @@ class Bench:
         self.params: Params = params
         engines = [e.strip() for e in args.engines.split(",") if e.strip()]
         self.workloads, self.wanted_targets = _select(
-            args.only, engines, args.no_access_log, args.client_hash
+            args.only, engines, args.no_access_log, args.client_hash, args.python_floor
         )
         self.skipped: dict[str, str] = {}
         self.notes: list[str] = []
@@ -453,12 +469,15 @@ class Bench:
         for name, why in doc["skipped"].items():
             print(f"skipped {name}: {why}")
         if doc["checks"]:
-            print("\ntargets (issue 6; 2-core machine, ratios from this run):")
+            print("\ntargets (2-core machine, ratios from this run):")
             print(report.checks_text(doc["checks"]))
 
 
 def _proxy_only(w: str, t: Target) -> bool:
-    """Nothing to measure: a memory workload through no proxy at all."""
+    """Nothing to measure: a memory workload through no proxy at all, or a workload the
+    floor relay is not made for."""
+    if t.kind == "floor":
+        return w not in FLOOR_WORKLOADS
     return w in report.PROXY_ONLY_WORKLOADS and t.kind == "direct"
 
 

@@ -18,6 +18,8 @@ from .procs import HOST, STOP_TIMEOUT_S, Processes, Server, StartError, free_por
 CHECK_TIMEOUT_S = 30.0
 
 
+FLOOR = "python-floor"  # tcpbench/floor_relay.py: only for the conn and rr workloads
+FLOOR_WORKLOADS = frozenset({"conn", "rr"})
 NOLOG_SUFFIX = "-nolog"
 HASH_SUFFIX = "-hash"
 
@@ -25,7 +27,7 @@ HASH_SUFFIX = "-hash"
 @dataclass(frozen=True)
 class Target:
     name: str
-    kind: str  # direct | haproxy | nginx | tcpproxy
+    kind: str  # direct | haproxy | nginx | tcpproxy | floor
     engine: str | None = None  # tcpproxy relay engine (copy, splice, ...)
     # tcpproxy's access log (one line per closed connection): on by default, as users run it.
     access_log: bool = True
@@ -204,6 +206,10 @@ def start(
         server = procs.start(
             target.name, [binary, "-p", str(nginx_dir), "-c", str(cfg), "-e", "stderr"]
         )
+    elif target.kind == "floor":
+        relay = Path(__file__).with_name("floor_relay.py")
+        pairs = [f"{ports[name]}:{port}" for name, port in backends.items()]
+        server = procs.start(target.name, [sys.executable, str(relay), *pairs])
     elif target.kind == "tcpproxy":
         cfg = workdir / f"{tag}.yaml"
         cfg.write_text(tcpproxy_config(backends, ports, engine_setting, target.balance))
