@@ -310,7 +310,8 @@ class Soak:
             self.rng,
             lambda: dict(self.ctl.serving),
             mode.main_idle_s,
-            logged=lambda client, since, closed_after: self.log.ended(
+            logged=lambda listener, client, since, closed_after: self.log.ended(
+                listener,
                 client,
                 since + self.wall_offset,
                 None if closed_after is None else closed_after + self.wall_offset,

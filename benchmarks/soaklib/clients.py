@@ -393,8 +393,8 @@ class Load:
     idle_timeout_s: float  # the main listener's
     # The end reason in the proxy's access log of the connection from a client address
     # opened after a time (monotonic), once the line is in; None before.
-    # (client, opened after, logged after): the end reason in the proxy's access log.
-    logged: Callable[[str, float, float | None], str | None] = lambda _c, _s, _a: None
+    # (listener, client, opened after, logged after): the end reason in the proxy's access log.
+    logged: Callable[[str, str, float, float | None], str | None] = lambda _l, _c, _s, _a: None
     records: list[ConnRecord] = field(default_factory=list)
     turns: dict[str, int] = field(default_factory=dict)  # hostile kinds started so far
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -816,7 +816,7 @@ class Load:
         rec = conn.rec
         assert rec.client is not None
         for _ in range(polls):
-            end = self.logged(rec.client, rec.t_start, open_at)
+            end = self.logged(rec.listener, rec.client, rec.t_start, open_at)
             if end is not None:
                 return end
             await asyncio.sleep(LOG_POLL_S)
@@ -1020,7 +1020,7 @@ class Load:
         for _ in range(1_000_000):  # ends with the reset, the proxy's log line, or the budget
             if conn.tcp_state() == TCP_CLOSE:
                 break
-            if self.logged(rec.client or "", rec.t_start, None) is not None:
+            if self.logged(rec.listener, rec.client or "", rec.t_start, None) is not None:
                 # The proxy closed its side before logging: the reset, if any, is here.
                 for _ in range(10):
                     if conn.tcp_state() == TCP_CLOSE:

@@ -94,18 +94,20 @@ class ProxyLog:
     connect_failures: Counter[str] = field(default_factory=Counter)
     warnings: Counter[str] = field(default_factory=Counter)
     ejections: Counter[str] = field(default_factory=Counter)  # listener/backend -> times
-    by_client: dict[str, list[AccessEntry]] = field(default_factory=dict)
+    # (listener, client address) -> its lines: the same address:port can be a client of
+    # two listeners at once (a source port is only unique per destination).
+    by_client: dict[tuple[str, str], list[AccessEntry]] = field(default_factory=dict)
     lines: int = 0
     _partial: str = ""
 
     def ended(
-        self, client: str, since_wall: float, closed_after_wall: float | None = None
+        self, listener: str, client: str, since_wall: float, closed_after_wall: float | None = None
     ) -> str | None:
-        """The end reason of the connection from `client` opened after `since_wall` (Unix
-        time), once its line is in; None before. `closed_after_wall`: only a line logged
-        after then is it, for a connection that knows it was open then (the line of an
-        earlier connection from the same port, reused, can fall inside the slack)."""
-        for e in reversed(self.by_client.get(client, ())):
+        """The end reason of the connection from `client` to `listener` opened after
+        `since_wall` (Unix time), once its line is in; None before. `closed_after_wall`: only
+        a line logged after then is it, for a connection that knows it was open then (the
+        line of an earlier connection from the same port, reused, can fall inside the slack)."""
+        for e in reversed(self.by_client.get((listener, client), ())):
             if closed_after_wall is not None and e.closed_wall < closed_after_wall:
                 continue
             if e.opened_wall >= since_wall - OWN_LINE_SLACK_S:
@@ -151,7 +153,7 @@ class ProxyLog:
                 closed_wall=datetime.fromisoformat(str(doc["time"])).timestamp(),
             )
             self.access.append(entry)
-            self.by_client.setdefault(entry.client, []).append(entry)
+            self.by_client.setdefault((entry.listener, entry.client), []).append(entry)
             return
         if message.startswith("config rejected"):
             self.rejections += 1
@@ -277,11 +279,11 @@ def _config_at(applied: Sequence[Applied], t0: float, t1: float) -> RouteSpec | 
 
 
 def _join(facts: Facts) -> dict[int, AccessEntry]:
-    """Each client record's access-log line: same client address, and opened and closed
+    """Each client record's access-log line: same listener and client address, and opened and closed
     within the record's lifetime (a port is reused only after its last connection ended)."""
-    by_client: dict[str, list[AccessEntry]] = {}
+    by_client: dict[tuple[str, str], list[AccessEntry]] = {}
     for e in facts.log.access:
-        by_client.setdefault(e.client, []).append(e)
+        by_client.setdefault((e.listener, e.client), []).append(e)
     used: set[int] = set()
     out: dict[int, AccessEntry] = {}
     off = facts.wall_offset
@@ -290,7 +292,7 @@ def _join(facts: Facts) -> dict[int, AccessEntry]:
             continue
         start, end = rec.t_start + off, rec.t_end + off
         best: AccessEntry | None = None
-        for e in by_client.get(rec.client, ()):
+        for e in by_client.get((rec.listener, rec.client), ()):
             if id(e) in used:
                 continue
             inside = start - JOIN_SLACK_S <= e.opened_wall <= end + JOIN_SLACK_S
