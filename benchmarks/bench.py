@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import io
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -133,6 +135,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "target tcpproxy-ENGINE-hash, to show what hashing the client address costs",
     )
     p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run each engine as it was at git revision REV, as target "
+        "tcpproxy-ENGINE@REV, in the same rounds: the before and after of a change",
+    )
+    p.add_argument(
         "--python-floor",
         action="store_true",
         help="also run target python-floor (conn and rr only): the leanest relay of "
@@ -152,8 +160,10 @@ def _select(
     only: Sequence[str],
     engines: Sequence[str],
     no_access_log: bool,
+    *,
     client_hash: bool = False,
     floor: bool = False,
+    baseline: tuple[str, str] | None = None,
 ) -> tuple[list[str], list[Target]]:
     all_targets = [
         Target("direct", "direct"),
@@ -163,6 +173,7 @@ def _select(
         *(tcpproxy_target(e, access_log=False) for e in engines),
         *(tcpproxy_target(e, balance="client_hash") for e in engines),
         Target(FLOOR, "floor"),
+        *(tcpproxy_target(e, baseline=baseline) for e in engines if baseline is not None),
     ]
     names = {t.name for t in all_targets}
     unknown = [n for n in only if n not in names and n not in report.WORKLOADS]
@@ -172,7 +183,9 @@ def _select(
             f"known: {', '.join([*report.WORKLOADS, *sorted(names)])}"
         )
     wl = [w for w in report.WORKLOADS if w in only] or list(report.WORKLOADS)
-    ts = [t for t in all_targets if t.name in only] or [
+    # A baseline (--baseline) runs beside the engine it is the earlier state of.
+    ts = [t for t in all_targets if t.name in only or (t.source and t.name.split("@")[0] in only)]
+    ts = ts or [
         t
         for t in all_targets
         if (t.access_log or no_access_log)
@@ -180,6 +193,35 @@ def _select(
         and (t.kind != "floor" or floor)
     ]
     return wl, ts
+
+
+def _extract(rev: str, workdir: Path) -> tuple[str, str]:
+    """The tcpproxy package as it was at git revision `rev`, in a tree of its own: (a short
+    name for the revision, the tree's path). Exits with one line when git cannot give it."""
+    tree = workdir / "baseline"
+    tree.mkdir()
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(HERE.parent), "archive", "--format=tar", rev, "tcpproxy"],
+            capture_output=True,
+            timeout=GIT_TIMEOUT_S * 10,
+            check=True,
+        )
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(tree, filter="data")
+        short = subprocess.run(
+            ["git", "-C", str(HERE.parent), "rev-parse", "--short", rev],
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError, tarfile.TarError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        text = detail.decode(errors="replace").strip() if isinstance(detail, bytes) else detail
+        why = text or exc
+        raise SystemExit(f"--baseline {rev}: cannot get tcpproxy at that revision: {why}") from None
+    return short, str(tree)
 
 
 def _git_commit() -> str:
@@ -211,8 +253,14 @@ class Bench:
         params = Params(**{**params.to_json(), "conn_close": args.conn_close})
         self.params: Params = params
         engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+        baseline = _extract(args.baseline, workdir) if args.baseline else None
         self.workloads, self.wanted_targets = _select(
-            args.only, engines, args.no_access_log, args.client_hash, args.python_floor
+            args.only,
+            engines,
+            args.no_access_log,
+            client_hash=args.client_hash,
+            floor=args.python_floor,
+            baseline=baseline,
         )
         self.skipped: dict[str, str] = {}
         self.notes: list[str] = []
@@ -253,7 +301,9 @@ class Bench:
             try:
                 if t.kind == "tcpproxy":
                     assert t.engine is not None
-                    setting, note = tcpproxy_engine_setting(t.engine, self.backends, self.workdir)
+                    setting, note = tcpproxy_engine_setting(
+                        t.engine, self.backends, self.workdir, t.source
+                    )
                     self.engine_settings[t.name] = setting
                     if note:
                         self.note(note)
@@ -400,8 +450,9 @@ class Bench:
 
         metrics = report.summarize(self.samples, names, self.workloads)
         proxies = [t for t in targets if t.kind == "tcpproxy"]
-        # The targets are what users run: tcpproxy with its access log on.
-        checks = report.evaluate_checks(metrics, [t.name for t in proxies if t.access_log])
+        # The targets are what users run: this tcpproxy with its access log on.
+        checked = [t.name for t in proxies if t.access_log and t.source is None]
+        checks = report.evaluate_checks(metrics, checked)
         twins = {
             t.name: t.name + NOLOG_SUFFIX
             for t in proxies

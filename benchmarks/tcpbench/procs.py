@@ -75,7 +75,13 @@ class Processes:
         self.log_dir = log_dir
         self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Server:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Server:
         log_path = self.log_dir / f"{name}.{len(self._procs)}.log"
         log = log_path.open("wb")
         try:
@@ -88,6 +94,7 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=env,
+                cwd=cwd,
             )
         finally:
             log.close()

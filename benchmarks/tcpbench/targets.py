@@ -32,6 +32,9 @@ class Target:
     # tcpproxy's access log (one line per closed connection): on by default, as users run it.
     access_log: bool = True
     balance: str = "round_robin"  # tcpproxy's `balance`: round_robin or client_hash
+    # A directory holding a tcpproxy package to run instead of this checkout's (bench.py
+    # --baseline REV): the process runs in it, and `python -m` looks there first.
+    source: str | None = None
 
 
 @dataclass
@@ -45,13 +48,21 @@ class Running:
             self.server.stop(grace_s)
 
 
-def tcpproxy_target(engine: str, access_log: bool = True, balance: str = "round_robin") -> Target:
+def tcpproxy_target(
+    engine: str,
+    access_log: bool = True,
+    balance: str = "round_robin",
+    baseline: tuple[str, str] | None = None,
+) -> Target:
     """tcpproxy-ENGINE; tcpproxy-ENGINE-nolog run with --no-access-log; tcpproxy-ENGINE-hash
-    with `balance: client_hash`."""
+    with `balance: client_hash`; tcpproxy-ENGINE@REV the tree `baseline` (REV, path)."""
     suffix = "" if access_log else NOLOG_SUFFIX
     if balance == "client_hash":
         suffix += HASH_SUFFIX
-    return Target(f"tcpproxy-{engine}{suffix}", "tcpproxy", engine, access_log, balance)
+    if baseline is not None:
+        suffix += f"@{baseline[0]}"
+    source = baseline[1] if baseline is not None else None
+    return Target(f"tcpproxy-{engine}{suffix}", "tcpproxy", engine, access_log, balance, source)
 
 
 def _max_conns() -> int:
@@ -147,7 +158,7 @@ def _tcpproxy_argv(config: Path, access_log: bool) -> list[str]:
 
 
 def tcpproxy_engine_setting(
-    engine: str, backends: Mapping[str, int], workdir: Path
+    engine: str, backends: Mapping[str, int], workdir: Path, source: str | None = None
 ) -> tuple[str | None, str]:
     """Which `engine:` value to write for this engine, and a note for the user.
 
@@ -165,6 +176,7 @@ def tcpproxy_engine_setting(
             text=True,
             timeout=CHECK_TIMEOUT_S,
             check=False,
+            cwd=source,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise StartError(f"tcpproxy check failed to run: {exc}") from exc
@@ -213,7 +225,8 @@ def start(
     elif target.kind == "tcpproxy":
         cfg = workdir / f"{tag}.yaml"
         cfg.write_text(tcpproxy_config(backends, ports, engine_setting, target.balance))
-        server = procs.start(target.name, _tcpproxy_argv(cfg, target.access_log))
+        argv = _tcpproxy_argv(cfg, target.access_log)
+        server = procs.start(target.name, argv, cwd=target.source)
     else:
         raise StartError(f"unknown target kind {target.kind!r}")
     try:

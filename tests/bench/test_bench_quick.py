@@ -69,6 +69,8 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
             str(BENCH),
             "--quick",
             "--python-floor",
+            "--baseline",
+            "HEAD",
             "--json",
             str(json_path),
             "--png",
@@ -98,6 +100,8 @@ def test_quick_run_measures_every_workload_through_every_target(
     targets: list[str] = doc["targets"]
     for name in ALWAYS:
         assert name in targets, doc["skipped"].get(name)
+    # The same engine as it was at a git revision, run beside it (and never checked).
+    [baseline] = [t for t in targets if t.startswith("tcpproxy-copy@")]
     # Measured as users run it: the access log on (the default), and recorded as such.
     assert doc["access_log"]["tcpproxy-copy"] is True
     assert doc["params"]["conn_close"] == "both"
@@ -127,7 +131,7 @@ def test_quick_run_measures_every_workload_through_every_target(
                     assert isinstance(result["ratio_to_haproxy"], int | float)
 
     if "haproxy" in targets:
-        for target in (t for t in targets if t.startswith("tcpproxy")):
+        for target in (t for t in targets if t.startswith("tcpproxy") and t != baseline):
             checked = {c["metric"] for c in doc["checks"] if c["target"] == target}
             wanted = {m for w in doc["workloads"] for m in METRICS_BY_WORKLOAD[w] if m in CHECKED}
             assert checked == wanted, target
@@ -137,5 +141,6 @@ def test_quick_run_measures_every_workload_through_every_target(
                 if c["metric"] in FLOORED:
                     assert isinstance(c["above_floor"], bool), c
 
+    assert not [c for c in doc["checks"] if c["target"] == baseline]
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ratio to HAProxy" in stdout
