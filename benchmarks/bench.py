@@ -208,7 +208,11 @@ def _extract(rev: str, workdir: Path) -> tuple[str, str]:
             check=True,
         )
         with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-            tar.extractall(tree, filter="data")
+            # Our own repository's archive; the filter where this Python has one (3.11.4+).
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tree, filter="data")
+            else:
+                tar.extractall(tree)
         short = subprocess.run(
             ["git", "-C", str(HERE.parent), "rev-parse", "--short", rev],
             capture_output=True,
